@@ -1,0 +1,3 @@
+from esskit.cli import main
+
+main()

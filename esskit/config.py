@@ -1,0 +1,258 @@
+"""Typed run configuration: dataclass sections loaded from a TOML recipe plus `--set a.b=value`.
+
+The recipe mirrors the sections one to one; the resolved config written to a run directory is
+itself a valid recipe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tomli_w
+
+from esskit.errors import ConfigError
+
+
+def _check_choice(section: str, name: str, value, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"{section}.{name} = {value!r} is not one of {', '.join(map(repr, choices))}")
+
+
+def _check_positive(section: str, obj, names: list[str], allow_zero: bool = False) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value < 0 or (value == 0 and not allow_zero):
+            bound = ">= 0" if allow_zero else "> 0"
+            raise ConfigError(f"{section}.{name} = {value!r} must be {bound}")
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    backbone: str = "resnet18"  # any timm model with features_only at strides 4 and 16
+    pretrained: bool = False  # load timm/HF-hub ImageNet weights for the backbone
+    norm: str = "bn"  # "bn" (BatchNorm) or "gn" (GroupNorm, Table 5)
+    embed_dim: int = 12  # ESS embedding size d (Table 1: 7 for C <= 21, 12 otherwise)
+
+    def __post_init__(self):
+        _check_choice("model", "norm", self.norm, ("bn", "gn"))
+        _check_positive("model", self, ["embed_dim"])
+
+
+@dataclass(kw_only=True)
+class MethodConfig:
+    name: str = "ess"  # "ess" (Eq. 6 + Eq. 7) or "baseline" (C-way softmax cross-entropy)
+    variant: str = "paper"  # "paper" or "essnet" (the official code's normalise-then-upsample, -20*dist)
+    k: int = 8  # nearest negative classes per pixel (Table 1)
+    tau: float = 0.05  # temperature of the logits -|x-mu|^2/tau
+    margin: float = 0.2  # max-margin m of Eq. 7
+    margin_weight: float = 1.0  # weight of Eq. 7 in the loss; 0 disables it (Table 3 ablation)
+    negatives: str = "nearest"  # "nearest" (kNN) or "random" (Table 2 ablation)
+    normalize: bool = True  # L2-normalise pixel and class embeddings (Table 3 ablation)
+    knn: str = "torch"  # exact kNN backend: "torch" (chunked) or "faiss" (optional extra)
+    knn_chunk_mib: int = 256  # memory budget of one kNN distance block
+
+    def __post_init__(self):
+        _check_choice("method", "name", self.name, ("ess", "baseline"))
+        _check_choice("method", "variant", self.variant, ("paper", "essnet"))
+        _check_choice("method", "negatives", self.negatives, ("nearest", "random"))
+        _check_choice("method", "knn", self.knn, ("torch", "faiss"))
+        _check_positive("method", self, ["k", "tau", "knn_chunk_mib"])
+        _check_positive("method", self, ["margin", "margin_weight"], allow_zero=True)
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    name: str = "synthetic"  # dataset loader (see `esskit.data.DATASETS`)
+    root: str = ""  # dataset directory in the dataset's official layout
+    num_classes: int = 19  # C; for synthetic any value 2..100000
+    train_split: str = "train"
+    val_split: str = "val"
+    crop: list[int] = field(default_factory=lambda: [128, 128])  # training crop [H, W]
+    base_size: list[int] = field(default_factory=lambda: [128, 128])  # [H, W] box rescaled by scale_range
+    scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])  # random rescale factors
+    flip: bool = True  # random horizontal flip
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])  # ImageNet
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    num_workers: int = 0  # DataLoader worker processes
+    synthetic_train_size: int = 512  # synthetic: number of training images
+    synthetic_val_size: int = 64  # synthetic: number of validation images
+    synthetic_image_size: int = 128  # synthetic: image side in pixels
+
+    def __post_init__(self):
+        if not 2 <= self.num_classes:
+            raise ConfigError(f"data.num_classes = {self.num_classes} must be >= 2")
+        if len(self.crop) != 2 or min(self.crop) <= 0:
+            raise ConfigError(f"data.crop = {self.crop} must be [height, width] with positive sizes")
+        if len(self.base_size) != 2 or min(self.base_size) <= 0:
+            raise ConfigError(f"data.base_size = {self.base_size} must be [height, width] with positive sizes")
+        if len(self.scale_range) != 2 or not 0 < self.scale_range[0] <= self.scale_range[1]:
+            raise ConfigError(f"data.scale_range = {self.scale_range} must be [min, max] with 0 < min <= max")
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise ConfigError("data.mean and data.std must have 3 values (RGB)")
+        _check_positive("data", self, ["num_workers"], allow_zero=True)
+        _check_positive("data", self, ["synthetic_train_size", "synthetic_val_size", "synthetic_image_size"])
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    lr: float = 0.01  # base learning rate (1e-2 ADE20k/COCO, 1e-1 Cityscapes/VOC)
+    momentum: float = 0.9  # SGD momentum of the segmentation network
+    weight_decay: float = 1e-4
+    power: float = 0.9  # poly schedule: lr * (1 - step/steps) ** power
+    backbone_lr_mult: float = 0.1  # backbone lr = mult * lr
+    backbone_bn_momentum: float = 0.01  # BatchNorm running-stat momentum in the backbone
+    embed_momentum: float = 0.95  # SGD momentum of the ESS class embeddings (paper §4)
+    embed_power: float = 0.95  # poly power of the ESS class embeddings (paper §4)
+
+    def __post_init__(self):
+        _check_positive("optim", self, ["lr", "power", "embed_power"])
+        _check_positive("optim", self, ["momentum", "weight_decay", "backbone_lr_mult", "embed_momentum"],
+                        allow_zero=True)
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    steps: int = 300  # optimizer steps
+    batch_size: int = 8  # images per device per step
+    grad_accum: int = 1  # micro-batches accumulated per optimizer step
+    mixed_precision: str = "no"  # "no", "fp16" or "bf16" (the loss is always fp32)
+    seed: int = 0
+    cpu: bool = False  # force the CPU even when a GPU is present
+    log_every: int = 10  # steps between metrics.jsonl lines
+    eval_every: int = 0  # steps between evaluations; 0 = only at the end
+    save_every: int = 0  # steps between checkpoints; 0 = only at the end
+    keep_checkpoints: int = 2  # newest checkpoints kept in the run directory
+    stop_after: int = 0  # stop with a checkpoint after this many steps in this invocation; 0 = never
+    out_dir: str = "runs/synthetic"  # run directory (overridden by `--out`)
+
+    def __post_init__(self):
+        _check_choice("train", "mixed_precision", self.mixed_precision, ("no", "fp16", "bf16"))
+        _check_positive("train", self, ["steps", "batch_size", "grad_accum", "log_every", "keep_checkpoints"])
+        _check_positive("train", self, ["eval_every", "save_every", "stop_after"], allow_zero=True)
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    batch_size: int = 4  # images per evaluation batch (1 when images differ in size)
+    max_images: int = 0  # evaluate only the first N validation images; 0 = all
+
+    def __post_init__(self):
+        _check_positive("eval", self, ["batch_size"])
+        _check_positive("eval", self, ["max_images"], allow_zero=True)
+
+
+@dataclass(kw_only=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self):
+        if self.method.name == "ess" and self.method.k >= self.data.num_classes:
+            raise ConfigError(f"method.k = {self.method.k} must be < data.num_classes = {self.data.num_classes}")
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+
+
+def _section_classes() -> dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    return {name: hints[name] for name in SECTIONS}
+
+
+def _suggest(name: str, choices) -> str:
+    close = difflib.get_close_matches(name, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _coerce(where: str, value, annotation):
+    """Check `value` against a field annotation; ints are accepted for floats."""
+    origin = typing.get_origin(annotation)
+    if origin is list:
+        (item_type,) = typing.get_args(annotation)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} = {value!r} must be a list of {item_type.__name__}, e.g. [1, 2]")
+        return [_coerce(where, v, item_type) for v in value]
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, annotation) or (annotation is not bool and isinstance(value, bool)):
+        raise ConfigError(f"{where} = {value!r} must be of type {annotation.__name__}")
+    return value
+
+
+def _parse_override(text: str) -> tuple[str, str, object]:
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    if key.count(".") != 1:
+        raise ConfigError(f"--set {text!r}: key must be section.key, sections: {', '.join(SECTIONS)}")
+    section, name = key.strip().split(".")
+    try:  # TOML syntax gives typed values (1, 0.5, true, [1, 2]); anything else is a string
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return section, name, value
+
+
+def build_config(raw: dict, source: str = "<dict>") -> Config:
+    """Validate a nested dict (as read from TOML) into a Config; errors name the key and `source`."""
+    classes = _section_classes()
+    sections = {}
+    for section, values in raw.items():
+        if section not in classes:
+            raise ConfigError(f"{source}: unknown section [{section}]{_suggest(section, classes)}; "
+                              f"sections: {', '.join(classes)}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: [{section}] must be a table of key = value")
+        hints = typing.get_type_hints(classes[section])
+        kwargs = {}
+        for name, value in values.items():
+            if name not in hints:
+                raise ConfigError(f"{source}: unknown key {section}.{name}{_suggest(name, hints)}; "
+                                  f"valid keys: {', '.join(hints)}")
+            kwargs[name] = _coerce(f"{source}: {section}.{name}", value, hints[name])
+        try:
+            sections[section] = classes[section](**kwargs)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+    try:
+        return Config(**sections)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a TOML recipe (or defaults when `path` is None) and apply `section.key=value` overrides."""
+    raw: dict = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"recipe {path} not found; recipes live in recipes/*.toml")
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    for text in overrides:
+        section, name, value = _parse_override(text)
+        raw.setdefault(section, {})[name] = value
+    if overrides:
+        source += " with --set " + " ".join(overrides)
+    return build_config(raw, source)
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(tomli_w.dumps(config_to_dict(cfg)))

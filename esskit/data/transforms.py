@@ -1,0 +1,93 @@
+"""Training / evaluation transforms (torchvision.transforms.v2) and the dataset wrapper that applies
+them with per-sample seeds and checks labels."""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from torch.utils.data import Dataset, Sampler
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+from esskit.config import DataConfig
+from esskit.data import IGNORE_INDEX
+from esskit.errors import DataError
+
+
+def train_transforms(cfg: DataConfig) -> v2.Compose:
+    """mmseg-style: rescale around `base_size` by a random factor, crop (padding masks with
+    ignore), flip, normalise. Masks (tv_tensors.Mask) are resized with nearest interpolation."""
+    steps = [v2.ScaleJitter(target_size=tuple(cfg.base_size), scale_range=tuple(cfg.scale_range)),
+             v2.RandomCrop(tuple(cfg.crop), pad_if_needed=True,
+                           fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX})]
+    if cfg.flip:
+        steps.append(v2.RandomHorizontalFlip())
+    return v2.Compose(steps + _to_float(cfg))
+
+
+def eval_transforms(cfg: DataConfig) -> v2.Compose:
+    """Full resolution, normalised only."""
+    return v2.Compose(_to_float(cfg))
+
+
+def _to_float(cfg: DataConfig) -> list:
+    return [v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True),
+            v2.Normalize(cfg.mean, cfg.std)]
+
+
+def _sample_seed(*parts: int) -> int:
+    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") >> 1
+
+
+class EpochSampler(Sampler):
+    """Shuffled indices whose order depends only on (seed, epoch); each index carries its epoch
+    (epoch * len + i) so augmentation seeds follow the sample, not the process or the worker."""
+
+    def __init__(self, length: int, seed: int, shuffle: bool = True):
+        self.length, self.seed, self.shuffle, self.epoch = length, seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self):
+        if not self.shuffle:
+            return iter(range(self.length))
+        g = torch.Generator().manual_seed(_sample_seed(self.seed, self.epoch))
+        offset = self.epoch * self.length
+        return iter((torch.randperm(self.length, generator=g) + offset).tolist())
+
+
+class SegmentationSet(Dataset):
+    """Applies `transform` to (image uint8 [3,H,W], mask int64 [H,W]) samples of `dataset`,
+    seeding its randomness from (seed, epoch, index) so runs and resumes see the same crops.
+
+    Labels outside [0, C) other than IGNORE_INDEX raise a DataError naming the sample, before
+    they can reach a CUDA kernel.
+    """
+
+    def __init__(self, dataset: Dataset, transform, num_classes: int, seed: int = 0, name: str = "dataset"):
+        self.dataset, self.transform, self.num_classes = dataset, transform, num_classes
+        self.seed, self.name = seed, name
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        epoch, i = divmod(index, len(self.dataset))
+        image, mask = self.dataset[i]
+        self.check_labels(mask, i)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_sample_seed(self.seed, epoch, i))
+            image, mask = self.transform(tv_tensors.Image(image), tv_tensors.Mask(mask))
+        return image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor)
+
+    def check_labels(self, mask: torch.Tensor, i: int) -> None:
+        bad = (mask != IGNORE_INDEX) & ((mask < 0) | (mask >= self.num_classes))
+        if bad.any():
+            value = int(mask[bad][0])
+            raise DataError(f"{self.name} sample {i}: label {value} is outside [0, {self.num_classes}) "
+                            f"and not ignore ({IGNORE_INDEX}); check data.num_classes")

@@ -1,0 +1,213 @@
+"""Training and evaluation loops over accelerate. Read `train` top to bottom: build, then for each
+step: batch, loss, backward, optimizer step, log, evaluate, save."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import signal
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader, Subset
+
+from esskit import report
+from esskit.checkpoint import checkpoint_step, find_checkpoint, list_checkpoints, load_weights, save_checkpoint
+from esskit.config import Config, load_config, save_config
+from esskit.data import build_dataset
+from esskit.data.transforms import EpochSampler
+from esskit.errors import ConfigError, TrainingError
+from esskit.losses import segmentation_loss
+from esskit.metrics import SegMetrics
+from esskit.models import build_model, predict_labels
+from esskit.optim import build_optimizer, build_scheduler
+
+# Keys that fix the shape of the model and its checkpoint: a resume must not change them.
+SHAPE_KEYS = ("model.backbone", "model.norm", "model.embed_dim", "method.name", "data.num_classes")
+
+
+def make_accelerator(cfg: Config) -> Accelerator:
+    try:
+        return Accelerator(cpu=cfg.train.cpu, mixed_precision=cfg.train.mixed_precision)
+    except ValueError as e:
+        raise ConfigError(f"train.mixed_precision = {cfg.train.mixed_precision!r}: {e}") from None
+
+
+def model_from_config(cfg: Config) -> torch.nn.Module:
+    return build_model(cfg.model.backbone, cfg.data.num_classes, cfg.method.name, cfg.model.embed_dim,
+                       cfg.model.norm, cfg.model.pretrained, backbone_bn_momentum=cfg.optim.backbone_bn_momentum)
+
+
+def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict | None:
+    """Train `cfg` into `run_dir` (continuing its newest checkpoint when `resume`); returns the
+    final evaluation, or None when stopped early by a signal or `train.stop_after`."""
+    accelerator = make_accelerator(cfg)
+    prepare_run_dir(run_dir, cfg, resume, accelerator.is_main_process)
+    set_seed(cfg.train.seed)
+    model = model_from_config(cfg)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg.train.steps)
+    train_set = build_dataset(cfg.data, cfg.data.train_split, train=True, seed=cfg.train.seed)
+    if len(train_set) < cfg.train.batch_size * accelerator.num_processes:
+        raise ConfigError(f"train.batch_size = {cfg.train.batch_size} is larger than the training set "
+                          f"({len(train_set)} images)")
+    sampler = EpochSampler(len(train_set), cfg.train.seed)
+    loader = DataLoader(train_set, cfg.train.batch_size, sampler=sampler, drop_last=True,
+                        num_workers=cfg.data.num_workers, pin_memory=accelerator.device.type == "cuda",
+                        generator=torch.Generator().manual_seed(cfg.train.seed))
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    accelerator.register_for_checkpointing(scheduler)  # stepped by hand: once per optimizer step
+
+    start = 0
+    if resume:
+        checkpoint = find_checkpoint(run_dir)
+        accelerator.load_state(str(checkpoint))
+        start = checkpoint_step(checkpoint)
+        report.info(accelerator, f"resumed from {checkpoint} at step {start}")
+    report.info(accelerator, f"{cfg.method.name} {cfg.model.backbone} C={cfg.data.num_classes}, "
+                f"batch {cfg.train.batch_size} x {cfg.train.grad_accum} accum x {accelerator.num_processes} "
+                f"processes on {accelerator.device}, run dir {run_dir}")
+    batches = endless_batches(accelerator, loader, sampler, start * cfg.train.grad_accum)
+    log = report.MetricsLog(run_dir / "metrics.jsonl", accelerator.is_main_process)
+    stop = StopSignal()
+    steps, accum = cfg.train.steps, cfg.train.grad_accum
+    with stop, report.TrainProgress(accelerator, start, steps) as progress:
+        for step in range(start, steps):
+            model.train()
+            for micro in range(accum):
+                images, target = next(batches)
+                sync = contextlib.nullcontext() if micro == accum - 1 else accelerator.no_sync(model)
+                with sync:
+                    loss, parts = segmentation_loss(model(images), target, cfg.method)
+                    accelerator.backward(loss / accum)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            done = step + 1
+            loss_value = float(accelerator.reduce(loss.detach(), "mean"))
+            if not math.isfinite(loss_value):
+                raise TrainingError(f"loss is {loss_value} at step {done}; no checkpoint was written for it "
+                                    f"(the last one in {run_dir} is intact); lower optim.lr or disable "
+                                    f"train.mixed_precision")
+            lr = scheduler.get_last_lr()[-1]
+            progress.update(done, loss_value, lr)
+            if done % cfg.train.log_every == 0 or done == steps:
+                log.write({"step": done, "loss": loss_value, "lr": lr, "s_per_step": progress.seconds_per_step,
+                           **{k: float(v) for k, v in parts.items()}})
+            if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < steps:
+                result = evaluate(accelerator, model, cfg)
+                log.write({"step": done, "eval": report.scalars(result)})
+                progress.note(f"step {done}: mIoU {result['mIoU']:.4f}")
+            stopping = stop.requested or (cfg.train.stop_after and done - start >= cfg.train.stop_after)
+            if stopping or done == steps or (cfg.train.save_every and done % cfg.train.save_every == 0):
+                save_checkpoint(accelerator, run_dir, done, cfg.train.keep_checkpoints)
+            if stopping and done < steps:
+                report.info(accelerator, f"stopped at step {done}; checkpoint saved, continue with "
+                            f"--resume {run_dir}")
+                return None
+    result = evaluate(accelerator, model, cfg)
+    finish_eval(accelerator, run_dir, cfg, result, steps)
+    return result
+
+
+def endless_batches(accelerator: Accelerator, loader, sampler: EpochSampler, start_batch: int):
+    """Batches across epochs, starting `start_batch` batches in (resume continues the data order)."""
+    epoch, skip = divmod(start_batch, len(loader))
+    while True:
+        sampler.set_epoch(epoch)
+        yield from (accelerator.skip_first_batches(loader, skip) if skip else loader)
+        epoch, skip = epoch + 1, 0
+
+
+@torch.no_grad()
+def evaluate(accelerator: Accelerator, model: torch.nn.Module, cfg: Config) -> dict:
+    """Metrics over the validation split. Each process takes every world-size-th image (no padding
+    duplicates) and the confusion counts are summed across processes."""
+    dataset = build_dataset(cfg.data, cfg.data.val_split, train=False)
+    indices = range(len(dataset) if not cfg.eval.max_images else min(cfg.eval.max_images, len(dataset)))
+    shard = Subset(dataset, indices[accelerator.process_index::accelerator.num_processes])
+    loader = DataLoader(shard, cfg.eval.batch_size, num_workers=cfg.data.num_workers)
+    metrics = SegMetrics(cfg.data.num_classes, device=accelerator.device)
+    model.eval()
+    for images, target in report.eval_progress(accelerator, loader):
+        images, target = images.to(accelerator.device), target.to(accelerator.device)
+        with accelerator.autocast():
+            output = model(images)
+        metrics.update(predict_labels(output, target.shape[-2:]), target)
+    metrics.all_reduce()
+    return {**metrics.compute(), "pixels": metrics.num_pixels}
+
+
+def finish_eval(accelerator: Accelerator, run_dir: Path, cfg: Config, result: dict, step: int) -> None:
+    if accelerator.is_main_process:
+        payload = {"step": step, "method": cfg.method.name, "num_classes": cfg.data.num_classes, **result}
+        (run_dir / "eval.json").write_text(json.dumps(report.json_safe(payload), indent=1))
+        report.MetricsLog(run_dir / "metrics.jsonl", True).write({"step": step, "eval": report.scalars(result)})
+        report.metrics_table(result, title=f"{cfg.method.name} · {cfg.data.name} · step {step}")
+
+
+def evaluate_checkpoint(cfg: Config, checkpoint_path: Path) -> dict:
+    """`esskit evaluate`: the recipe's model with the checkpoint's weights on the validation split."""
+    checkpoint = find_checkpoint(checkpoint_path)
+    accelerator = make_accelerator(cfg)
+    model = model_from_config(cfg)
+    load_weights(model, checkpoint)
+    model = accelerator.prepare(model)
+    result = evaluate(accelerator, model, cfg)
+    run_dir = checkpoint.parent
+    finish_eval(accelerator, run_dir, cfg, result, checkpoint_step(checkpoint))
+    return result
+
+
+def prepare_run_dir(run_dir: Path, cfg: Config, resume: bool, is_main: bool) -> None:
+    """Check the run directory before any work: writable, not silently overwritten, and on resume
+    holding a run of the same model shape."""
+    if resume:
+        saved = run_dir / "config.toml"
+        if not saved.is_file():
+            raise ConfigError(f"--resume {run_dir}: no config.toml there; pass a run directory written by "
+                              f"`esskit train`")
+        old = load_config(saved)
+        diffs = [k for k in SHAPE_KEYS if _get(old, k) != _get(cfg, k)]
+        if diffs:
+            raise ConfigError(f"--resume {run_dir}: the recipe differs from the run in " + ", ".join(
+                f"{k} ({_get(old, k)!r} -> {_get(cfg, k)!r})" for k in diffs))
+    elif list_checkpoints(run_dir):
+        raise ConfigError(f"run directory {run_dir} already holds checkpoints; continue it with "
+                          f"--resume {run_dir} or choose another --out")
+    if is_main:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            probe = run_dir / ".write-test"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as e:
+            raise ConfigError(f"run directory {run_dir} is not writable: {e.strerror}") from None
+        save_config(cfg, run_dir / "config.toml")
+
+
+def _get(cfg: Config, dotted: str):
+    section, name = dotted.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+class StopSignal(contextlib.AbstractContextManager):
+    """Ctrl-C / SIGTERM: finish the current step, save a checkpoint, exit cleanly."""
+
+    requested = False
+
+    def __enter__(self):
+        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        return False
+

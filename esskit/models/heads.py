@@ -1,0 +1,52 @@
+"""Output heads: the baseline's C-way classifier and ESS's d-dimensional embedding head.
+
+Each head returns a dict; the loss (`esskit.losses.segmentation_loss`) and `predict_labels`
+read it, so the trainer never branches on the method.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from esskit.knn import knn_exact
+from esskit.losses import pixels_last, upsample
+
+
+class ClassifierHead(nn.Module):
+    """Baseline: 1x1 conv (with bias) to C logits."""
+
+    def __init__(self, in_channels: int, num_classes: int):
+        super().__init__()
+        self.classifier = nn.Conv2d(in_channels, num_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> dict:
+        return {"logits": self.classifier(x)}
+
+
+class EmbeddingHead(nn.Module):
+    """ESS: 1x1 conv to d channels plus the learnable class embeddings [C, d] (paper Fig. 2)."""
+
+    def __init__(self, in_channels: int, num_classes: int, embed_dim: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, embed_dim, 1)
+        # Unit vectors spread uniformly on the sphere: no class starts close to another.
+        self.class_embeddings = nn.Parameter(F.normalize(torch.randn(num_classes, embed_dim), dim=1))
+
+    def forward(self, x: torch.Tensor) -> dict:
+        # Passing the class embeddings through forward lets DDP see them as used parameters.
+        return {"embeddings": self.proj(x), "class_embeddings": self.class_embeddings}
+
+
+@torch.no_grad()
+def predict_labels(output: dict, size) -> torch.Tensor:
+    """Per-pixel class ids [B, H, W] at `size`: argmax for the baseline, nearest class embedding
+    for ESS (chunked exact search, no [pixels, C] tensor)."""
+    if "logits" in output:
+        return upsample(output["logits"].float(), size).argmax(1)
+    emb = upsample(output["embeddings"].float(), size)
+    b, _, h, w = emb.shape
+    mu = F.normalize(output["class_embeddings"].float(), dim=1)
+    _, idx = knn_exact(F.normalize(pixels_last(emb), dim=1), mu, 1)
+    return idx.view(b, h, w)
