@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader, Subset
 
@@ -30,6 +31,9 @@ SHAPE_KEYS = ("model.backbone", "model.norm", "model.embed_dim", "method.name", 
 
 
 def make_accelerator(cfg: Config) -> Accelerator:
+    # One process may run several trainings (tests, profiler): drop the previous run's precision
+    # settings, keep the distributed state.
+    AcceleratorState._reset_state(reset_partial_state=False)
     try:
         return Accelerator(cpu=cfg.train.cpu, mixed_precision=cfg.train.mixed_precision)
     except ValueError as e:
@@ -70,7 +74,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict | None:
     report.info(accelerator, f"{cfg.method.name} {cfg.model.backbone} C={cfg.data.num_classes}, "
                 f"batch {cfg.train.batch_size} x {cfg.train.grad_accum} accum x {accelerator.num_processes} "
                 f"processes on {accelerator.device}, run dir {run_dir}")
-    batches = endless_batches(accelerator, loader, sampler, start * cfg.train.grad_accum)
+    batches = endless_batches(accelerator, loader, start * cfg.train.grad_accum)
     log = report.MetricsLog(run_dir / "metrics.jsonl", accelerator.is_main_process)
     stop = StopSignal()
     steps, accum = cfg.train.steps, cfg.train.grad_accum
@@ -113,12 +117,14 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict | None:
     return result
 
 
-def endless_batches(accelerator: Accelerator, loader, sampler: EpochSampler, start_batch: int):
+def endless_batches(accelerator: Accelerator, loader, start_batch: int):
     """Batches across epochs, starting `start_batch` batches in (resume continues the data order)."""
     epoch, skip = divmod(start_batch, len(loader))
     while True:
-        sampler.set_epoch(epoch)
-        yield from (accelerator.skip_first_batches(loader, skip) if skip else loader)
+        epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
+        # accelerate's loaders re-seed the sampler from their own epoch counter on each __iter__
+        epoch_loader.set_epoch(epoch)
+        yield from epoch_loader
         epoch, skip = epoch + 1, 0
 
 
