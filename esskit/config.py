@@ -82,6 +82,14 @@ class DataConfig:
     synthetic_train_size: int = 512  # synthetic: number of training images
     synthetic_val_size: int = 64  # synthetic: number of validation images
     synthetic_image_size: int = 128  # synthetic: image side in pixels
+    sbd_root: str = ""  # voc split "aug": SBD benchmark_RELEASE/dataset folder ("" = <root>/../VOCaug/dataset)
+    image_column: str = "image"  # hf: column holding the image
+    mask_column: str = "label"  # hf: column holding the label mask (image or 2-D array)
+    hf_config: str = ""  # hf: configuration name of a hub dataset (load_dataset's `name`)
+    class_names: list[str] = field(default_factory=list)  # hf: class names in train-id order
+    class_names_file: str = ""  # hf: text file with one class name per line (instead of class_names)
+    mask_void_value: int = 255  # hf: stored mask value of void pixels, read as ignore (-1 = none)
+    mask_label_offset: int = 0  # hf: subtracted from stored values (1 for ADE20k-style 0 = void masks)
 
     def __post_init__(self):
         if not 2 <= self.num_classes:
@@ -96,6 +104,14 @@ class DataConfig:
             raise ConfigError("data.mean and data.std must have 3 values (RGB)")
         _check_positive("data", self, ["num_workers"], allow_zero=True)
         _check_positive("data", self, ["synthetic_train_size", "synthetic_val_size", "synthetic_image_size"])
+        if self.class_names and self.class_names_file:
+            raise ConfigError("data.class_names and data.class_names_file are exclusive; set one")
+        if self.class_names and len(self.class_names) != self.num_classes:
+            raise ConfigError(f"data.class_names has {len(self.class_names)} names but data.num_classes = "
+                              f"{self.num_classes}")
+        if not -1 <= self.mask_void_value < 2**16:
+            raise ConfigError(f"data.mask_void_value = {self.mask_void_value} must be -1 (none) or 0..65535")
+        _check_positive("data", self, ["mask_label_offset"], allow_zero=True)
 
 
 @dataclass(kw_only=True)
@@ -242,8 +258,11 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
             raw = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    classes = _section_classes()
     for text in overrides:
         section, name, value = _parse_override(text)
+        if section in classes and typing.get_type_hints(classes[section]).get(name) is str:
+            value = value if isinstance(value, str) else text.split("=", 1)[1].strip()  # data.root=2024
         raw.setdefault(section, {})[name] = value
     if overrides:
         source += " with --set " + " ".join(overrides)

@@ -96,7 +96,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict | None:
                 raise TrainingError(f"loss is {loss_value} at step {done}; no checkpoint was written for it "
                                     f"(the last one in {run_dir} is intact); lower optim.lr or disable "
                                     f"train.mixed_precision")
-            lr = scheduler.get_last_lr()[-1]
+            lr = next(g["lr"] for g in optimizer.param_groups if g["name"] == "head")  # the base lr
             progress.update(done, loss_value, lr)
             if done % cfg.train.log_every == 0 or done == steps:
                 log.write({"step": done, "loss": loss_value, "lr": lr, "s_per_step": progress.seconds_per_step,

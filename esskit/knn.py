@@ -25,9 +25,13 @@ def knn_exact(queries: torch.Tensor, keys: torch.Tensor, k: int,
     Queries are processed in row blocks sized so that one fp32 [rows, C] distance block stays
     within `chunk_bytes`: N x C is never materialised at once.
     """
+    with torch.autocast(queries.device.type, enabled=False):  # exact means fp32 under AMP too
+        return _knn_blocks(queries.float(), keys.float(), k, chunk_bytes)
+
+
+def _knn_blocks(queries: torch.Tensor, keys: torch.Tensor, k: int, chunk_bytes: int):
     num_keys = keys.shape[0]
     _check_k(k, num_keys)
-    queries, keys = queries.float(), keys.float()
     key_sq = keys.pow(2).sum(1)
     rows = max(1, chunk_bytes // (4 * num_keys))
     dists, idxs = [], []

@@ -1,0 +1,202 @@
+"""esskit.config: recipes, --set overrides, validation errors and the resolved-config round trip."""
+
+import dataclasses
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from esskit.config import Config, ConfigError, build_config, load_config, save_config
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+
+RECIPE = """
+[model]
+backbone = "mobilenetv2_100"
+embed_dim = 7
+
+[method]
+name = "ess"
+k = 4
+tau = 0.1
+negatives = "random"
+
+[data]
+num_classes = 21
+crop = [64, 96]
+scale_range = [0.75, 1.25]
+
+[optim]
+lr = 1  # an int for a float field
+
+[train]
+steps = 5
+mixed_precision = "bf16"
+"""
+
+
+def _write(tmp_path, text, name="recipe.toml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_defaults_are_valid():
+    cfg = load_config(None)
+    assert isinstance(cfg, Config)
+    assert cfg == Config()
+    assert cfg.method.k < cfg.data.num_classes
+    assert cfg == build_config({})
+
+
+def test_shipped_recipes_load():
+    recipes = sorted(RECIPES.glob("*.toml"))
+    assert recipes
+    for path in recipes:
+        assert isinstance(load_config(path), Config)
+
+
+def test_recipe_loads_with_types(tmp_path):
+    cfg = load_config(_write(tmp_path, RECIPE))
+    assert cfg.model.backbone == "mobilenetv2_100" and cfg.model.embed_dim == 7
+    assert cfg.method.k == 4 and cfg.method.tau == 0.1 and cfg.method.negatives == "random"
+    assert cfg.data.num_classes == 21 and cfg.data.crop == [64, 96]
+    assert cfg.optim.lr == 1.0 and type(cfg.optim.lr) is float
+    assert cfg.train.steps == 5 and cfg.train.mixed_precision == "bf16"
+    # untouched fields keep their defaults
+    assert cfg.optim.momentum == Config().optim.momentum
+    assert cfg.eval == Config().eval
+
+
+def test_set_overrides_are_typed_by_field(tmp_path):
+    cfg = load_config(_write(tmp_path, RECIPE), [
+        "train.steps=7",                 # int
+        "method.tau=0.2",                # float
+        "optim.momentum=0",              # int accepted for float
+        "data.flip=false",               # bool
+        "data.crop=[32, 48]",            # list[int]
+        "data.scale_range=[1, 2.5]",     # ints accepted inside list[float]
+        "model.backbone=resnet18",       # bare string
+        'train.out_dir="runs/x y"',      # quoted string
+        "data.root=/data/ade20k",        # path-like bare string
+        "method.name=baseline",
+    ])
+    assert cfg.train.steps == 7 and type(cfg.train.steps) is int
+    assert cfg.method.tau == 0.2
+    assert cfg.optim.momentum == 0.0 and type(cfg.optim.momentum) is float
+    assert cfg.data.flip is False
+    assert cfg.data.crop == [32, 48]
+    assert cfg.data.scale_range == [1.0, 2.5] and all(type(v) is float for v in cfg.data.scale_range)
+    assert cfg.model.backbone == "resnet18"
+    assert cfg.train.out_dir == "runs/x y"
+    assert cfg.data.root == "/data/ade20k"
+    assert cfg.method.name == "baseline"
+    # override without a recipe
+    assert load_config(None, ["data.num_classes=150", "method.k=10"]).data.num_classes == 150
+
+
+def test_set_numeric_looking_value_for_string_field_stays_a_string():
+    # "typed by the field": a str field given 2017 gets the string "2017", not a type error.
+    cfg = load_config(None, ["data.val_split=2017"])
+    assert cfg.data.val_split == "2017"
+
+
+@pytest.mark.parametrize("override, needles", [
+    ("train.steps=1.5", ["train.steps", "int"]),
+    ("train.steps=true", ["train.steps", "int"]),          # bool is not an int
+    ("method.tau=yes", ["method.tau", "float"]),
+    ("data.flip=1", ["data.flip", "bool"]),
+    ("data.crop=64", ["data.crop", "list"]),
+    ('data.crop=[64, "a"]', ["data.crop"]),
+])
+def test_wrong_type_raises_naming_key(override, needles):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    for needle in needles:
+        assert needle in str(err.value)
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("model.norm=ln", "model.norm"),
+    ("method.negatives=farthest", "method.negatives"),
+    ("method.knn=annoy", "method.knn"),
+    ("method.variant=x", "method.variant"),
+    ("method.name=knn", "method.name"),
+    ("train.mixed_precision=fp8", "train.mixed_precision"),
+    ("method.k=0", "method.k"),
+    ("method.tau=-1", "method.tau"),
+    ("data.num_classes=1", "data.num_classes"),
+    ("data.crop=[64]", "data.crop"),
+])
+def test_invalid_value_raises_naming_key(override, needle):
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_unknown_section_suggests(tmp_path):
+    path = _write(tmp_path, "[modle]\nbackbone = 'resnet18'\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    msg = str(err.value)
+    assert "modle" in msg and "did you mean 'model'" in msg and str(path) in msg
+    with pytest.raises(ConfigError, match="did you mean 'method'"):
+        load_config(None, ["methd.k=3"])
+
+
+def test_unknown_key_suggests(tmp_path):
+    path = _write(tmp_path, "[method]\nmargn = 0.3\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    msg = str(err.value)
+    assert "method.margn" in msg and "did you mean 'margin'" in msg and str(path) in msg
+    with pytest.raises(ConfigError, match=r"train\.step.*did you mean 'steps'"):
+        load_config(None, ["train.step=3"])
+
+
+def test_bad_override_syntax():
+    with pytest.raises(ConfigError, match="steps"):
+        load_config(None, ["train.steps"])
+    with pytest.raises(ConfigError, match="section.key"):
+        load_config(None, ["steps=3"])
+
+
+def test_missing_file_names_it(tmp_path):
+    path = tmp_path / "nope.toml"
+    with pytest.raises(ConfigError, match="nope.toml"):
+        load_config(path)
+
+
+def test_invalid_toml_names_file(tmp_path):
+    path = _write(tmp_path, "[model\nbackbone = resnet18\n", "broken.toml")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert "broken.toml" in str(err.value) and "TOML" in str(err.value)
+
+
+def test_section_not_a_table(tmp_path):
+    with pytest.raises(ConfigError, match="model"):
+        load_config(_write(tmp_path, "model = 3\n"))
+
+
+def test_k_must_be_below_num_classes(tmp_path):
+    with pytest.raises(ConfigError, match=r"method\.k"):
+        load_config(None, ["data.num_classes=5", "method.k=5"])
+    with pytest.raises(ConfigError, match=r"method\.k"):
+        load_config(_write(tmp_path, "[method]\nk = 30\n[data]\nnum_classes = 10\n"))
+    assert load_config(None, ["data.num_classes=5", "method.k=4"]).method.k == 4
+
+
+@pytest.mark.parametrize("overrides", [[], ["method.name=baseline", "optim.lr=2", "data.crop=[33, 65]",
+                                            "data.root=/x/y", "train.cpu=true", "method.margin_weight=0"]])
+def test_save_config_round_trip(tmp_path, overrides):
+    cfg = load_config(_write(tmp_path, RECIPE), overrides)
+    out = tmp_path / "run" / "config.toml"
+    out.parent.mkdir()
+    save_config(cfg, out)
+    again = load_config(out)
+    assert again == cfg
+    # the resolved file is a complete recipe: every field of every section is written
+    raw = tomllib.loads(out.read_text())
+    for section in dataclasses.fields(Config):
+        names = {f.name for f in dataclasses.fields(getattr(cfg, section.name))}
+        assert set(raw[section.name]) == names

@@ -1,0 +1,242 @@
+"""esskit.models: DeepLabV3+ structure, output shapes, GroupNorm swap, errors and predict_labels."""
+
+import time
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from esskit.config import MethodConfig
+from esskit.data import IGNORE_INDEX
+from esskit.errors import ModelError
+from esskit.losses import segmentation_loss
+from esskit.models import build_model, predict_labels
+from esskit.models.deeplab import batchnorm_to_groupnorm
+
+C = 5
+SIZE = 64
+BACKBONES = ["resnet18", "mobilenetv2_100"]
+
+_cache = {}
+
+
+def _model(backbone, method, norm="bn"):
+    key = (backbone, method, norm)
+    if key not in _cache:
+        torch.manual_seed(0)
+        _cache[key] = build_model(backbone, C, method, embed_dim=7, norm=norm)
+    return _cache[key]
+
+
+def _images(b=2, size=SIZE):
+    return torch.randn(b, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+@pytest.mark.parametrize("method", ["baseline", "ess"])
+def test_output_keys_and_shapes_at_stride_4(backbone, method):
+    model = _model(backbone, method).eval()
+    with torch.no_grad():
+        out = model(_images())
+    if method == "baseline":
+        assert set(out) == {"logits"}
+        assert out["logits"].shape == (2, C, SIZE // 4, SIZE // 4)
+    else:
+        assert set(out) == {"embeddings", "class_embeddings"}
+        assert out["embeddings"].shape == (2, 7, SIZE // 4, SIZE // 4)
+        ce = out["class_embeddings"]
+        assert ce.shape == (C, 7)
+        assert isinstance(ce, nn.Parameter) and ce.requires_grad
+        assert any(p is ce for p in model.parameters())
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_backbone_output_stride_16(backbone):
+    model = _model(backbone, "ess").eval()
+    with torch.no_grad():
+        feats = model.backbone(_images(b=1))
+    assert feats[-1].shape[-2:] == (SIZE // 16, SIZE // 16)
+    assert model.backbone.feature_info.reduction()[-1] == 16
+    stride4 = model.backbone.feature_info.reduction().index(4)
+    assert feats[stride4].shape[-2:] == (SIZE // 4, SIZE // 4)
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_batch_1_train_and_eval(backbone):
+    model = _model(backbone, "ess")
+    x = _images(b=1)
+    model.train()
+    out = model(x)
+    assert out["embeddings"].shape == (1, 7, SIZE // 4, SIZE // 4)
+    model.eval()
+    with torch.no_grad():
+        out = model(x)
+    assert out["embeddings"].shape == (1, 7, SIZE // 4, SIZE // 4)
+    assert torch.isfinite(out["embeddings"]).all()
+
+
+def _convs(module):
+    return [m for m in module.modules() if isinstance(m, nn.Conv2d)]
+
+
+def test_deeplab_structure():
+    model = _model("resnet18", "baseline")
+    aspp_convs = _convs(model.aspp)
+    atrous = [m for m in aspp_convs if m.kernel_size == (3, 3)]
+    assert sorted(m.dilation[0] for m in atrous) == [6, 12, 18]
+    assert all(m.dilation[0] == m.dilation[1] == m.padding[0] == m.padding[1] for m in atrous)
+    assert all(m.out_channels == 256 for m in aspp_convs)
+    low_convs = _convs(model.low_proj)
+    assert len(low_convs) == 1
+    low = low_convs[0]
+    assert low.out_channels == 48 and low.kernel_size == (1, 1)
+    stride4 = model.backbone.feature_info.reduction().index(4)
+    assert low.in_channels == model.backbone.feature_info.channels()[stride4]
+    decoder = [m for m in _convs(model.decoder) if m.kernel_size == (3, 3)]
+    assert len(decoder) == 2 and all(m.out_channels == 256 for m in decoder)
+    assert decoder[0].in_channels == 256 + 48
+    head = _convs(model.head)
+    assert len(head) == 1 and head[0].kernel_size == (1, 1)
+    assert head[0].out_channels == C and head[0].bias is not None
+    ess_head = _convs(_model("resnet18", "ess").head)
+    assert len(ess_head) == 1 and ess_head[0].out_channels == 7
+
+
+def _has_batchnorm(model):
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_groupnorm_removes_all_batchnorm(backbone):
+    assert _has_batchnorm(_model(backbone, "ess"))  # the check can fail
+    model = _model(backbone, "ess", norm="gn")
+    assert not _has_batchnorm(model)
+    assert any(isinstance(m, nn.GroupNorm) for m in model.backbone.modules())
+    assert any(isinstance(m, nn.GroupNorm) for m in model.aspp.modules())
+    assert any(isinstance(m, nn.GroupNorm) for m in model.decoder.modules())
+
+
+def test_groupnorm_model_trains_a_step():
+    # mobilenetv2 uses timm's BatchNormAct2d, the harder case for the swap
+    model = _model("mobilenetv2_100", "ess", norm="gn").train()
+    target = torch.randint(0, C, (2, SIZE, SIZE), generator=torch.Generator().manual_seed(1))
+    target[:, :4] = IGNORE_INDEX
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss, _ = segmentation_loss(model(_images()), target, MethodConfig(k=3))
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert model.head.class_embeddings.grad is not None and model.head.class_embeddings.grad.abs().sum() > 0
+    opt.step()
+    changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
+    assert any(n.startswith("backbone.") for n in changed)
+    assert any("class_embeddings" in n for n in changed)
+
+
+def test_batchnorm_to_groupnorm_keeps_affine_and_activation():
+    bn = nn.BatchNorm2d(64)
+    nn.init.normal_(bn.weight)
+    nn.init.normal_(bn.bias)
+    module = batchnorm_to_groupnorm(nn.Sequential(nn.Conv2d(3, 64, 1), bn, nn.Sequential(nn.BatchNorm2d(6))))
+    assert not _has_batchnorm(module)
+    gn = module[1]
+    assert isinstance(gn, nn.GroupNorm) and gn.num_groups == 32 and gn.num_channels == 64
+    assert torch.equal(gn.weight, bn.weight) and torch.equal(gn.bias, bn.bias)
+    assert isinstance(module[2][0], nn.GroupNorm) and 6 % module[2][0].num_groups == 0
+    # timm's BatchNormAct2d: its activation must survive the swap
+    from timm.layers import BatchNormAct2d
+    swapped = batchnorm_to_groupnorm(nn.Sequential(BatchNormAct2d(32, act_layer=nn.ReLU)))
+    assert not _has_batchnorm(swapped)
+    x = torch.randn(2, 32, 4, 4)
+    assert (swapped(x) >= 0).all()  # ReLU kept
+
+
+def test_unknown_backbone_raises_model_error():
+    with pytest.raises(ModelError, match="resnet_does_not_exist"):
+        build_model("resnet_does_not_exist", C, "ess")
+
+
+def test_backbone_without_output_stride_raises_model_error():
+    with pytest.raises(ModelError, match="vit_small_patch16_224"):
+        build_model("vit_small_patch16_224", C, "ess")
+
+
+def test_unknown_method_raises_model_error():
+    with pytest.raises(ModelError, match="knn"):
+        build_model("resnet18", C, "knn")
+
+
+def test_pretrained_without_network_fails_fast(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    try:  # huggingface_hub reads these at import time
+        import huggingface_hub.constants as hf_constants
+        monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True, raising=False)
+        monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hub"), raising=False)
+    except ImportError:
+        pass
+    start = time.monotonic()
+    with pytest.raises(ModelError, match="resnet18") as err:
+        build_model("resnet18", C, "ess", pretrained=True)
+    assert "pretrained" in str(err.value)
+    assert time.monotonic() - start < 20
+
+
+def _near_tie_free(values, gap=1e-4):
+    """Pixels whose best and second-best scores differ by more than `gap`."""
+    top2 = values.topk(2, dim=1).values
+    return (top2[:, 0] - top2[:, 1]) > gap
+
+
+def test_predict_labels_ess_is_argmin_to_normalised_class_embeddings():
+    g = torch.Generator().manual_seed(0)
+    emb = torch.randn(2, 7, 8, 8, generator=g, dtype=torch.float64)
+    mu = torch.randn(C, 7, generator=g, dtype=torch.float64) * torch.tensor([0.1, 1, 3, 10, 0.5],
+                                                                              dtype=torch.float64)[:, None]
+    labels = predict_labels({"embeddings": emb, "class_embeddings": mu}, (32, 32))
+    assert labels.shape == (2, 32, 32) and labels.dtype == torch.int64
+    up = F.interpolate(emb, size=(32, 32), mode="bilinear", align_corners=False)
+    pix = up.permute(0, 2, 3, 1).reshape(-1, 7)
+    pix = pix / pix.norm(dim=1, keepdim=True)
+    mu_hat = mu / mu.norm(dim=1, keepdim=True)
+    dist = torch.cdist(pix, mu_hat) ** 2
+    ref = dist.argmin(1)
+    ok = _near_tie_free(-dist)
+    assert ok.float().mean() > 0.99
+    assert torch.equal(labels.reshape(-1)[ok], ref[ok])
+    # class-embedding norms must not matter (scaled class 3 does not win everywhere)
+    unnormalised = torch.cdist(pix, mu).argmin(1)
+    assert not torch.equal(ref, unnormalised)
+
+
+def test_predict_labels_baseline_is_argmax_of_upsampled_logits():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, C, 8, 8, generator=g, dtype=torch.float64)
+    labels = predict_labels({"logits": logits}, (30, 34))
+    assert labels.shape == (2, 30, 34)
+    up = F.interpolate(logits, size=(30, 34), mode="bilinear", align_corners=False)
+    ref = up.argmax(1)
+    flat = up.permute(0, 2, 3, 1).reshape(-1, C)
+    ok = _near_tie_free(flat).view(2, 30, 34)
+    assert ok.float().mean() > 0.99
+    assert torch.equal(labels[ok], ref[ok])
+    # argmax before upsampling is different: the test distinguishes the two
+    assert not torch.equal(ref, F.interpolate(logits.argmax(1, keepdim=True).double(), size=(30, 34),
+                                              mode="nearest").long()[:, 0])
+
+
+def test_predict_labels_on_model_output():
+    method = "ess"
+    model = _model("mobilenetv2_100", method).eval()
+    with torch.no_grad():
+        out = model(_images())
+    labels = predict_labels(out, (SIZE, SIZE))
+    assert labels.shape == (2, SIZE, SIZE)
+    assert labels.min() >= 0 and labels.max() < C
+    if method == "ess":
+        up = F.interpolate(out["embeddings"].double(), size=(SIZE, SIZE), mode="bilinear", align_corners=False)
+        pix = F.normalize(up.permute(0, 2, 3, 1).reshape(-1, 7), dim=1)
+        dist = torch.cdist(pix, F.normalize(out["class_embeddings"].double(), dim=1)) ** 2
+        ok = _near_tie_free(-dist, 1e-5)
+        assert torch.equal(labels.reshape(-1)[ok], dist.argmin(1)[ok])
