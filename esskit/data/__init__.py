@@ -13,8 +13,29 @@ def _synthetic(cfg, split: str):
     return SyntheticSegmentation(cfg.num_classes, length, cfg.synthetic_image_size, split=split)
 
 
+def _lazy(module: str):
+    """`esskit.data.<module>.load`, imported on first use so that `import esskit.data` (and the CLI)
+    stays light; `.module` lets `esskit datasets` find the module's LAYOUT and SOURCE."""
+
+    def load(cfg, split: str):
+        from importlib import import_module
+
+        return import_module(f"esskit.data.{module}").load(cfg, split)
+
+    load.module = f"esskit.data.{module}"
+    return load
+
+
 # data.name -> function(DataConfig, split) building the raw dataset
-DATASETS = {"synthetic": _synthetic}
+DATASETS = {
+    "synthetic": _synthetic,
+    "cityscapes": _lazy("cityscapes"),
+    "voc": _lazy("voc"),
+    "ade20k": _lazy("ade20k"),
+    "cocostuff10k": _lazy("cocostuff"),
+    "coco_lvis": _lazy("coco_lvis"),
+    "hf": _lazy("hf"),
+}
 
 
 def build_dataset(cfg, split: str, train: bool, seed: int = 0):

@@ -1,0 +1,132 @@
+"""File helpers shared by the dataset loaders: read images and label masks (8- or 16-bit PNG), write
+16-bit masks, check the on-disk layout, and `PairDataset`, the (image file, mask file) dataset that
+the file-based loaders return.
+
+Masks with more than 255 values (COCO+LVIS has 1284 classes) are stored as 16-bit greyscale PNGs
+(PIL mode "I;16"); nothing here goes through uint8, so no value above 255 is ever truncated.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from esskit.errors import DataError
+
+# Modes whose pixels are label values; "RGB"/"RGBA" masks are colour-coded and need a dataset-specific
+# palette lookup, so they are refused rather than silently averaged into grey levels.
+_LABEL_MODES = {"P", "L", "I;16", "I;16B", "I;16L", "I", "1"}
+
+
+def read_image(path: str | Path) -> torch.Tensor:
+    """RGB image as uint8 [3, H, W] (greyscale and palette JPEGs/PNGs are converted to RGB)."""
+    try:
+        with Image.open(path) as image:
+            array = np.asarray(image.convert("RGB"))
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot read image {path}: {e}") from None
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+
+
+def labels_from_pil(image: Image.Image, where: str | Path) -> np.ndarray:
+    """Label values of a mask image as int64 [H, W]: palette indices for "P", raw values otherwise."""
+    if image.mode not in _LABEL_MODES:
+        raise DataError(f"mask {where} has mode {image.mode!r}; expected a single-channel label PNG "
+                        "(palette, 8-bit or 16-bit greyscale)")
+    return np.asarray(image).astype(np.int64)
+
+
+def read_mask(path: str | Path) -> np.ndarray:
+    """Label values of a mask PNG as int64 [H, W]; 16-bit PNGs keep values above 255."""
+    try:
+        with Image.open(path) as image:
+            return labels_from_pil(image, path)
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot read mask {path}: {e}") from None
+
+
+def write_mask(path: str | Path, values: np.ndarray, bits: int | None = None) -> None:
+    """Write label values as a greyscale PNG: 16-bit ("I;16") when `bits` = 16 or any value > 255.
+
+    Written to a temporary name and renamed, so an interrupted run never leaves a truncated PNG that
+    a resumed `esskit build-dataset` would take for finished.
+    """
+    values = np.asarray(values)
+    low, high = (int(values.min()), int(values.max())) if values.size else (0, 0)
+    bits = bits or (16 if high > 255 else 8)
+    if low < 0 or high >= 2**bits:
+        raise ValueError(f"mask values {low}..{high} do not fit in {bits}-bit PNG {path}")
+    image = Image.fromarray(values.astype(np.uint16 if bits == 16 else np.uint8))
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.partial")
+    image.save(partial, format="PNG")
+    os.replace(partial, path)
+
+
+def require_root(cfg, dataset: str, layout: str) -> Path:
+    """`data.root` as a Path, or a DataError naming the expected layout."""
+    if not cfg.root:
+        raise DataError(f"{dataset}: data.root is not set; expected {layout} (see `esskit datasets`)")
+    root = Path(cfg.root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"{dataset}: data.root {root} is not a directory; expected {layout}")
+    return root
+
+
+def require(path: Path, dataset: str, layout: str) -> Path:
+    """`path` if it exists, else a DataError naming it and the expected layout."""
+    if not path.exists():
+        raise DataError(f"{dataset}: {path} not found; expected {layout}")
+    return path
+
+
+def read_list(path: Path, dataset: str, layout: str) -> list[str]:
+    """Non-empty lines of a split list file (ImageSets/*.txt, imageLists/*.txt)."""
+    names = [line.strip() for line in require(path, dataset, layout).read_text().splitlines()]
+    names = [name for name in names if name]
+    if not names:
+        raise DataError(f"{dataset}: split list {path} is empty")
+    return names
+
+
+def check_num_classes(cfg, dataset: str, names: Sequence[str]) -> None:
+    if cfg.num_classes != len(names):
+        raise DataError(f"{dataset} has {len(names)} classes but data.num_classes = {cfg.num_classes}; "
+                        f"set data.num_classes = {len(names)}")
+
+
+def shift_lut(size: int) -> np.ndarray:
+    """On-disk value v -> train id v-1, so 0 (unlabeled) -> -1 = IGNORE_INDEX (ADE20k, COCO)."""
+    return np.arange(-1, size - 1, dtype=np.int64)
+
+
+class PairDataset(torch.utils.data.Dataset):
+    """(image uint8 [3,H,W], mask int64 [H,W]) from lists of files; `lut[v]` maps the stored value v
+    to a train id or IGNORE_INDEX (one vectorised lookup, never a chain of in-place remaps)."""
+
+    def __init__(self, images: Sequence[Path], masks: Sequence[Path], lut: np.ndarray,
+                 class_names: Sequence[str], read_labels: Callable[[Path], np.ndarray] = read_mask):
+        assert len(images) == len(masks)
+        # str, not Path: a dataset of 100k Paths costs more to pickle into DataLoader workers.
+        self.images, self.masks = [str(p) for p in images], [str(p) for p in masks]
+        self.lut, self.class_names, self.read_labels = lut, list(class_names), read_labels
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = read_image(self.images[index])
+        raw = self.read_labels(self.masks[index])
+        if raw.shape != tuple(image.shape[1:]):
+            raise DataError(f"mask {self.masks[index]} is {raw.shape[0]}x{raw.shape[1]} but image "
+                            f"{self.images[index]} is {image.shape[1]}x{image.shape[2]}")
+        if raw.size and (raw.min() < 0 or raw.max() >= len(self.lut)):
+            value = int(raw.min() if raw.min() < 0 else raw.max())
+            raise DataError(f"mask {self.masks[index]} holds value {value}, outside the dataset's "
+                            f"stored range 0..{len(self.lut) - 1}")
+        return image, torch.from_numpy(self.lut[raw])

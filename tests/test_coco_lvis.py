@@ -1,0 +1,170 @@
+"""`esskit build-dataset coco-lvis` and the coco_lvis loader on tiny LVIS / COCO-Stuff JSON files
+(polygons and RLE made with pycocotools), checked against the id rules of DESIGN.md written out by
+hand."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pycocotools import mask as mask_utils
+from typer.testing import CliRunner
+
+from esskit.cli import app
+from esskit.config import DataConfig
+from esskit.data import DATASETS, IGNORE_INDEX
+from esskit.data.coco_lvis import STUFF_LUT
+from esskit.data.cocostuff import STUFF_NAMES
+from esskit.data.images import read_mask
+from esskit.errors import DataError
+
+LVIS_NAMES = {50: "banner", 110: "blanket", 181: "cabinet", 1050: "table", 500: "lvis 500", 7: "lvis 7"}
+
+
+def rle(region: np.ndarray, compressed: bool = True) -> dict:
+    encoded = mask_utils.encode(np.asfortranarray(region.astype(np.uint8)))
+    if compressed:  # as in stuff_train2017.json: counts as a str
+        return {"size": encoded["size"], "counts": encoded["counts"].decode()}
+    flat = region.astype(np.uint8).flatten(order="F")  # uncompressed COCO RLE: run lengths from 0
+    changes = np.flatnonzero(np.diff(flat)) + 1
+    runs = np.diff(np.concatenate([[0], changes, [flat.size]])).tolist()
+    return {"size": list(region.shape), "counts": ([0] if flat[0] else []) + runs}
+
+
+def box(h, w, rows, cols) -> np.ndarray:
+    region = np.zeros((h, w), bool)
+    region[rows, cols] = True
+    return region
+
+
+def write_fixture(tmp_path: Path, corrupt: bool = True) -> tuple[Path, Path]:
+    images = [{"id": 1, "height": 40, "width": 60, "coco_url": "http://x/train2017/000000000001.jpg"},
+              {"id": 2, "height": 30, "width": 50}, {"id": 3, "height": 40, "width": 60},
+              {"id": 4, "height": 20, "width": 20}]  # 4 is in no stuff file
+    full = lambda h, w: np.ones((h, w), bool)  # noqa: E731
+    stuff = [  # (image, category, region, compressed)
+        (1, 165, box(40, 60, slice(0, 20), slice(None)), True),  # table (shared with LVIS 1050)
+        (1, 182, box(40, 60, slice(20, 40), slice(0, 30)), True),  # wood: last stuff id -> 1284
+        (1, 183, box(40, 60, slice(20, 40), slice(30, 60)), True),  # "other" -> unlabeled
+        (2, 98, box(30, 50, slice(0, 10), slice(None)), True),  # cabinet -> LVIS 181, not 1283
+        (2, 181, box(30, 50, slice(10, 20), slice(None)), False),  # window-other -> 1283
+        (2, 94, box(30, 50, slice(20, 30), slice(None)), True),  # branch: first non-shared -> 1204
+        (3, 92, full(40, 60), True),  # banner -> LVIS 50
+    ]
+    stuff_json = {"images": [dict(im) for im in images[:3]],
+                  "categories": [{"id": i, "name": n} for i, n in enumerate(STUFF_NAMES + ["other"], 92)],
+                  "annotations": [{"id": 100 + n, "image_id": im, "category_id": c, "segmentation": rle(r, z)}
+                                  for n, (im, c, r, z) in enumerate(stuff)]}
+    lvis = [  # file order matters: the first instance wins where two overlap
+        {"id": 10, "image_id": 1, "category_id": 500, "segmentation": rle(box(40, 60, slice(5, 25), slice(10, 30)))},
+        {"id": 11, "image_id": 1, "category_id": 7, "segmentation": [[20, 15, 40, 15, 40, 35, 20, 35]]},
+        {"id": 12, "image_id": 2, "category_id": 1203, "segmentation": rle(box(30, 50, slice(2, 6), slice(2, 6)))},
+        {"id": 13, "image_id": 3, "category_id": 1, "segmentation": [[1, 1, 10, 1, 10, 10]]},
+        {"id": 99, "image_id": 3, "category_id": 2,
+         "segmentation": [[1, 1, 5, 1, 5]] if corrupt else [[1, 1, 5, 1, 5, 5, 1, 5]]},  # odd: not (x, y) pairs
+        {"id": 15, "image_id": 1, "category_id": 9, "segmentation": [[0, 0, 59, 39]]},  # 2 points: no area
+        {"id": 14, "image_id": 4, "category_id": 5, "segmentation": rle(box(20, 20, slice(0, 5), slice(0, 5)))},
+    ]
+    lvis_json = {"images": images, "annotations": lvis,
+                 "categories": [{"id": k, "name": LVIS_NAMES.get(k, f"lvis_{k}")} for k in range(1, 1204)]}
+    (tmp_path / "lvis.json").write_text(json.dumps(lvis_json))
+    (tmp_path / "stuff.json").write_text(json.dumps(stuff_json))
+    return tmp_path / "lvis.json", tmp_path / "stuff.json"
+
+
+def build(tmp_path, out, workers=1):
+    args = ["build-dataset", "coco-lvis", "--lvis-json", str(tmp_path / "lvis.json"),
+            "--stuff-json", str(tmp_path / "stuff.json"), "--out", str(out), "--workers", str(workers)]
+    return CliRunner().invoke(app, args)
+
+
+def test_stuff_lut_follows_design_ids():
+    shared = {"banner": 50, "blanket": 110, "cabinet": 181, "cupboard": 346, "curtain": 350,
+              "napkin": 713, "pillow": 804, "salad": 904, "table": 1050, "towel": 1108}
+    by_name = {name: int(STUFF_LUT[i]) for i, name in enumerate(STUFF_NAMES, 92)}
+    assert {n: by_name[n] for n in shared} == shared
+    others = [by_name[n] for n in STUFF_NAMES if n not in shared]
+    assert others == list(range(1204, 1285))  # 81 classes, ascending COCO-Stuff id
+    assert by_name["branch"] == 1204 and by_name["window-other"] == 1283 and by_name["wood"] == 1284
+    assert STUFF_LUT[183] == 0 and STUFF_LUT.dtype == np.uint16
+
+
+def test_build_rules_resume_and_corrupt_annotation(tmp_path):
+    write_fixture(tmp_path)
+    out = tmp_path / "coco" / "masks" / "train"
+    result = build(tmp_path, out, workers=2)
+    assert result.exit_code == 1, result.output
+    assert "annotation 99 (image 3): polygons must be lists of (x, y) pairs" in result.output and "1 images not written" in result.output
+    assert "1 images are in no --stuff-json file" in result.output
+    assert sorted(p.name for p in out.glob("*.png")) == ["000000000001.png", "000000000002.png", "000000000004.png"]
+
+    one = read_mask(out / "000000000001.png")
+    with Image.open(out / "000000000001.png") as image:
+        assert image.mode == "I;16" and one.shape == (40, 60)
+    assert one[0, 0] == 1050 and one[30, 5] == 1284 and one[30, 50] == 0  # table, wood, other
+    assert one[20, 25] == 500  # inside both instances: the first annotation (10) wins
+    assert one[30, 35] == 7 and one[10, 15] == 500  # each instance alone, painted over stuff
+    assert not (one == 9).any()  # a 2-point polygon is empty, not a box (pycocotools would make one)
+    two = read_mask(out / "000000000002.png")
+    expected = np.zeros((30, 50), np.int64)
+    expected[0:10], expected[10:20], expected[20:30] = 181, 1283, 1204
+    expected[2:6, 2:6] = 1203
+    assert np.array_equal(two, expected)
+    four = read_mask(out / "000000000004.png")
+    assert four[0, 0] == 5 and four[10, 10] == 0
+    classes = json.loads((out / "classes.json").read_text())
+    assert len(classes) == 1285 and classes["0"] == "unlabeled" and classes["1050"] == "table"
+    assert classes["1204"] == "branch" and classes["1284"] == "wood" and classes["7"] == "lvis 7"
+
+    Image.fromarray(np.zeros((40, 60), np.uint16)).save(out / "000000000001.png")  # mark as done
+    again = build(tmp_path, out)
+    assert again.exit_code == 1 and "3 already present" in again.output
+    assert read_mask(out / "000000000001.png").max() == 0  # skipped, not rebuilt
+    write_fixture(tmp_path, corrupt=False)
+    fixed = build(tmp_path, out)
+    assert fixed.exit_code == 0, fixed.output
+    assert "1 masks written, 3 already present" in fixed.output
+    three = read_mask(out / "000000000003.png")
+    assert three[30, 30] == 50 and three[2, 6] == 1 and three[4, 2] == 2  # banner; triangle; box outside it
+    assert not list(out.glob(".*partial"))
+
+
+def test_loader_reads_built_masks_and_reports_missing_parts(tmp_path):
+    write_fixture(tmp_path, corrupt=False)
+    root = tmp_path / "coco"
+    cfg = DataConfig(name="coco_lvis", root=str(root), num_classes=1284)
+    root.mkdir()
+    with pytest.raises(DataError, match=r"masks/train/classes.json not found; build the masks with "
+                                        r"`esskit build-dataset coco-lvis"):
+        DATASETS["coco_lvis"](cfg, "train")
+    assert build(tmp_path, root / "masks" / "train").exit_code == 0
+    for image_id, (h, w), folder in ((1, (40, 60), "train2017"), (2, (30, 50), "val2017"),
+                                     (3, (40, 60), "train2017")):
+        (root / folder).mkdir(exist_ok=True)
+        Image.fromarray(np.full((h, w, 3), image_id, np.uint8)).save(root / folder / f"{image_id:012d}.jpg")
+    with pytest.raises(DataError, match=r"image 000000000004.jpg for mask .* is in neither"):
+        DATASETS["coco_lvis"](cfg, "train")
+    (root / "masks" / "train" / "000000000004.png").unlink()
+    ds = DATASETS["coco_lvis"](cfg, "train")
+    assert len(ds) == 3 and len(ds.class_names) == 1284
+    assert ds.class_names[1049] == "table" and ds.class_names[1203] == "branch"
+    image, mask = ds[0]
+    assert image.shape == (3, 40, 60) and mask.dtype == torch.int64
+    assert mask[0, 0] == 1049 and mask[30, 5] == 1283 and mask[30, 50] == IGNORE_INDEX  # v -> v-1, 0 -> ignore
+    assert ds[1][1].shape == (30, 50)  # found in val2017
+    with pytest.raises(DataError, match="has 1284 classes but data.num_classes = 1283"):
+        DATASETS["coco_lvis"](DataConfig(name="coco_lvis", root=str(root), num_classes=1283), "train")
+
+
+def test_wrong_annotation_files_are_refused(tmp_path):
+    lvis_json, stuff_json = write_fixture(tmp_path)
+    stuff = json.loads(stuff_json.read_text())
+    stuff["categories"][165 - 92]["name"] = "dining table"  # e.g. COCO instances instead of stuff
+    stuff_json.write_text(json.dumps(stuff))
+    result = build(tmp_path, tmp_path / "out")
+    assert result.exit_code == 2 and "category 165 is 'dining table', COCO-Stuff 2017 has 'table'" in result.output
+    missing = CliRunner().invoke(app, ["build-dataset", "coco-lvis", "--lvis-json", str(tmp_path / "nope.json"),
+                                       "--stuff-json", str(stuff_json), "--out", str(tmp_path / "out")])
+    assert missing.exit_code == 2 and "nope.json not found" in missing.output

@@ -1,0 +1,340 @@
+"""Dataset loaders on tiny fixtures written in each dataset's official on-disk layout; expected
+train ids are written out by hand from the datasets' label definitions."""
+
+import json
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy.io import savemat
+from typer.testing import CliRunner
+
+from esskit.cli import app
+from esskit.config import DataConfig, load_config
+from esskit.data import DATASETS, IGNORE_INDEX, build_dataset
+from esskit.data.images import read_mask, write_mask
+from esskit.errors import ConfigError, DataError
+
+H, W = 40, 60
+IGN = IGNORE_INDEX
+
+
+def rgb(path: Path, seed: int = 0, size=(H, W)) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+
+
+def bands(values, size=(H, W)) -> np.ndarray:
+    """Mask of horizontal bands, one per value, so expectations can be read row by row."""
+    rows = np.array_split(np.arange(size[0]), len(values))
+    mask = np.zeros(size, dtype=np.int64)
+    for value, r in zip(values, rows):
+        mask[r] = value
+    return mask
+
+
+def band_values(mask: torch.Tensor, n: int) -> list[int]:
+    rows = np.array_split(np.arange(mask.shape[0]), n)
+    return [int(mask[r[0], 0]) for r in rows]
+
+
+def grey(path: Path, values: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(values.astype(np.uint8)).save(path)
+
+
+def voc_palette() -> list[int]:
+    """The VOC colour map (bit-interleaved class index), as in the devkit's VOClabelcolormap.m."""
+    palette = []
+    for index in range(256):
+        r = g = b = 0
+        c = index
+        for shift in range(7, -1, -1):
+            r |= (c & 1) << shift
+            g |= ((c >> 1) & 1) << shift
+            b |= ((c >> 2) & 1) << shift
+            c >>= 3
+        palette += [r, g, b]
+    return palette
+
+
+def data_cfg(**kw) -> DataConfig:
+    return DataConfig(**kw)
+
+
+# ------------------------------------------------------------------------------------ 16-bit masks
+
+
+def test_16bit_mask_round_trip(tmp_path):
+    values = np.array([[0, 1, 255, 256], [1203, 1284, 4000, 65535]])
+    write_mask(tmp_path / "m.png", values)
+    with Image.open(tmp_path / "m.png") as image:
+        assert image.mode == "I;16"
+    back = read_mask(tmp_path / "m.png")
+    assert back.dtype == np.int64 and np.array_equal(back, values)
+    write_mask(tmp_path / "small.png", np.array([[0, 7]]), bits=16)  # forced 16-bit stays 16-bit
+    with Image.open(tmp_path / "small.png") as image:
+        assert image.mode == "I;16"
+    with pytest.raises(ValueError):
+        write_mask(tmp_path / "bad.png", np.array([[300]]), bits=8)
+    assert not list(tmp_path.glob(".*partial"))
+
+
+def test_rgb_mask_is_refused(tmp_path):
+    rgb(tmp_path / "m.png")
+    with pytest.raises(DataError, match="m.png.*mode 'RGB'"):
+        read_mask(tmp_path / "m.png")
+
+
+# -------------------------------------------------------------------------------------- cityscapes
+
+CITYSCAPES_IDS = [7, 26, 0, 33, 9, 24, 23]  # road, car, unlabeled, bicycle, parking, person, sky
+CITYSCAPES_TRAIN = [0, 13, IGN, 18, IGN, 11, 10]
+
+
+def make_cityscapes(root: Path) -> None:
+    for split, city, frames in (("train", "aachen", 2), ("val", "frankfurt", 1)):
+        for f in range(frames):
+            stem = f"{city}_{f:06d}_000019"
+            rgb(root / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png", f)
+            gt = root / "gtFine" / split / city
+            grey(gt / f"{stem}_gtFine_labelIds.png", bands(CITYSCAPES_IDS))
+            rgb(gt / f"{stem}_gtFine_color.png", f)  # present in the real download, not a mask to read
+
+
+def test_cityscapes_label_ids_to_train_ids(tmp_path):
+    make_cityscapes(tmp_path)
+    ds = DATASETS["cityscapes"](data_cfg(name="cityscapes", root=str(tmp_path)), "train")
+    assert len(ds) == 2 and len(ds.class_names) == 19 and ds.class_names[13] == "car"
+    image, mask = ds[1]
+    assert image.dtype == torch.uint8 and image.shape == (3, H, W)
+    assert mask.dtype == torch.int64 and band_values(mask, 7) == CITYSCAPES_TRAIN
+    assert len(DATASETS["cityscapes"](data_cfg(name="cityscapes", root=str(tmp_path)), "val")) == 1
+
+
+def test_cityscapes_errors_name_the_path(tmp_path):
+    make_cityscapes(tmp_path)
+    cfg = data_cfg(name="cityscapes", root=str(tmp_path))
+    with pytest.raises(DataError, match=r"leftImg8bit/test not found; expected leftImg8bit/\{split\}"):
+        DATASETS["cityscapes"](cfg, "test")
+    with pytest.raises(DataError, match="data.root .*nowhere is not a directory"):
+        DATASETS["cityscapes"](data_cfg(name="cityscapes", root=str(tmp_path / "nowhere")), "train")
+    with pytest.raises(DataError, match="data.root is not set"):
+        DATASETS["cityscapes"](data_cfg(name="cityscapes"), "train")
+    with pytest.raises(DataError, match="has 19 classes but data.num_classes = 20"):
+        DATASETS["cityscapes"](data_cfg(name="cityscapes", root=str(tmp_path), num_classes=20), "train")
+    missing = tmp_path / "gtFine/train/aachen/aachen_000001_000019_gtFine_labelIds.png"
+    missing.unlink()
+    with pytest.raises(DataError, match="aachen_000001_000019_gtFine_labelIds.png not found"):
+        DATASETS["cityscapes"](cfg, "train")
+    grey(missing, np.zeros((H, W + 1)))  # one column too many
+    with pytest.raises(DataError, match=r"aachen_000001_000019_gtFine_labelIds.png is 40x61 but image"):
+        DATASETS["cityscapes"](cfg, "train")[1]
+
+
+# --------------------------------------------------------------------------------------------- VOC
+
+def make_voc(tmp_path: Path) -> Path:
+    root = tmp_path / "VOCdevkit" / "VOC2012"
+    voc = {"2007_000032": [0, 1, 15, 255], "2007_000033": [20, 255], "2007_000039": [3]}
+    for i, (name, values) in enumerate(voc.items()):
+        rgb(root / "JPEGImages" / f"{name}.jpg", i)
+        png = Image.fromarray(bands(values).astype(np.uint8), mode="L")
+        png.putpalette(voc_palette())  # palette PNG, as in SegmentationClass
+        (root / "SegmentationClass").mkdir(parents=True, exist_ok=True)
+        png.save(root / "SegmentationClass" / f"{name}.png")
+    sets = root / "ImageSets" / "Segmentation"
+    sets.mkdir(parents=True)
+    (sets / "train.txt").write_text("2007_000032\n2007_000039\n")
+    (sets / "val.txt").write_text("2007_000033\n")
+    sbd = tmp_path / "VOCdevkit" / "VOCaug" / "dataset"
+    (sbd / "cls").mkdir(parents=True)
+    for i, name in enumerate(["2008_000002", "2007_000033", "2007_000032"]):  # one in VOC val, one in VOC train
+        rgb(root / "JPEGImages" / f"{name}.jpg", 10 + i)
+        seg = bands([0, 7, 12]).astype(np.uint8)
+        savemat(sbd / "cls" / f"{name}.mat", {"GTcls": {"Segmentation": seg, "Boundaries": np.zeros(3),
+                                                        "CategoriesPresent": np.array([7, 12])}})
+    (sbd / "train.txt").write_text("2008_000002\n2007_000033\n")
+    (sbd / "val.txt").write_text("2007_000032\n")
+    return root
+
+
+def test_voc_palette_index_and_void(tmp_path):
+    root = make_voc(tmp_path)
+    ds = DATASETS["voc"](data_cfg(name="voc", root=str(root), num_classes=21), "train")
+    assert len(ds) == 2 and ds.class_names[15] == "person"
+    assert band_values(ds[0][1], 4) == [0, 1, 15, IGN]
+    assert band_values(DATASETS["voc"](data_cfg(name="voc", root=str(root), num_classes=21), "val")[0][1], 2) == [20, IGN]
+
+
+def test_voc_aug_reads_sbd_mat_and_excludes_val(tmp_path):
+    root = make_voc(tmp_path)
+    ds = DATASETS["voc"](data_cfg(name="voc", root=str(root), num_classes=21), "aug")
+    names = [Path(p).stem for p in ds.images]
+    assert names == ["2007_000032", "2007_000039", "2008_000002"]  # 2007_000033 is VOC val
+    assert ds.masks[0].endswith("SegmentationClass/2007_000032.png")  # VOC's own mask preferred
+    assert ds.masks[2].endswith("cls/2008_000002.mat")
+    assert band_values(ds[2][1], 3) == [0, 7, 12]
+    with pytest.raises(DataError, match=r"elsewhere/train.txt not found; expected .*data.sbd_root"):
+        DATASETS["voc"](data_cfg(name="voc", root=str(root), num_classes=21, sbd_root=str(tmp_path / "elsewhere")), "aug")
+    with pytest.raises(DataError, match=r"ImageSets/Segmentation/trainval.txt not found"):
+        DATASETS["voc"](data_cfg(name="voc", root=str(root), num_classes=21), "trainval")
+
+
+# ------------------------------------------------------------------------------------------ ADE20k
+
+def make_ade20k(root: Path) -> None:
+    for folder, prefix, n in (("training", "ADE_train", 3), ("validation", "ADE_val", 2)):
+        for i in range(1, n + 1):
+            rgb(root / "images" / folder / f"{prefix}_{i:08d}.jpg", i)
+            grey(root / "annotations" / folder / f"{prefix}_{i:08d}.png", bands([0, 1, 150, 13]))
+
+
+def test_ade20k_zero_is_ignore_and_shift(tmp_path):
+    make_ade20k(tmp_path)
+    cfg = data_cfg(name="ade20k", root=str(tmp_path), num_classes=150)
+    ds = DATASETS["ade20k"](cfg, "train")
+    assert len(ds) == 3 and len(ds.class_names) == 150 and ds.class_names[12] == "person"
+    assert band_values(ds[0][1], 4) == [IGN, 0, 149, 12]
+    assert len(DATASETS["ade20k"](cfg, "validation")) == 2
+    with pytest.raises(DataError, match="split 'test' is not one of"):
+        DATASETS["ade20k"](cfg, "test")
+
+
+# ----------------------------------------------------------------------------------- COCO-Stuff10k
+
+def make_cocostuff10k(root: Path) -> None:
+    names = [f"COCO_train2014_{i:012d}" for i in (77, 109, 260)]
+    for i, name in enumerate(names):
+        rgb(root / "images" / f"{name}.jpg", i)
+        (root / "annotations").mkdir(exist_ok=True)
+        savemat(root / "annotations" / f"{name}.mat",
+                {"S": bands([0, 1, 182, 165]).astype(np.uint8), "names": np.array(["unlabeled"], dtype=object)})
+    (root / "imageLists").mkdir()
+    (root / "imageLists" / "train.txt").write_text("\n".join(names[:2]) + "\n")
+    (root / "imageLists" / "test.txt").write_text(names[2] + "\n")
+
+
+def test_cocostuff10k_mat_labels(tmp_path):
+    make_cocostuff10k(tmp_path)
+    cfg = data_cfg(name="cocostuff10k", root=str(tmp_path), num_classes=182)
+    ds = DATASETS["cocostuff10k"](cfg, "train")
+    assert len(ds) == 2 and ds.class_names[0] == "person" and ds.class_names[164] == "table"
+    assert band_values(ds[1][1], 4) == [IGN, 0, 181, 164]  # 0 unlabeled, person, wood, table
+    assert len(DATASETS["cocostuff10k"](cfg, "val")) == 1  # val reads the 1k test list
+    (tmp_path / "images" / "COCO_train2014_000000000260.jpg").unlink()
+    with pytest.raises(DataError, match=r"images/COCO_train2014_000000000260.jpg not found; expected images/"):
+        DATASETS["cocostuff10k"](cfg, "test")
+
+
+# ------------------------------------------------------------------------------- Hugging Face (hf)
+
+def hf_rows(n=3, values=(0, 1, 300)):
+    images = [Image.fromarray(np.full((H, W, 3), 40 * i, np.uint8)) for i in range(n)]
+    masks = [Image.fromarray(bands(values).astype(np.uint16)) for _ in range(n)]  # 16-bit PNG masks
+    return images, masks
+
+
+def test_hf_load_from_disk_parquet_and_imagefolder(tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    images, masks = hf_rows()
+    table = datasets.Dataset.from_dict({"pixels": images, "seg": masks, "note": ["a", "b", "c"]},
+                                       features=datasets.Features({"pixels": datasets.Image(),
+                                                                   "seg": datasets.Image(),
+                                                                   "note": datasets.Value("string")}))
+    datasets.DatasetDict({"train": table, "validation": table.select([0])}).save_to_disk(tmp_path / "disk")
+    table.to_parquet(str(tmp_path / "train.parquet"))
+    common = dict(name="hf", num_classes=400, image_column="pixels", mask_column="seg", mask_void_value=0,
+                  mask_label_offset=1)
+    ds = build_dataset(data_cfg(root=str(tmp_path / "disk"), val_split="validation", **common), "validation", train=False)
+    assert len(ds) == 1
+    for root in (tmp_path / "disk", tmp_path / "{split}.parquet"):
+        raw = DATASETS["hf"](data_cfg(root=str(root), **common), "train")
+        image, mask = raw[2]
+        assert len(raw) == 3 and image.shape == (3, H, W) and int(image[0, 0, 0]) == 80
+        assert band_values(mask, 3) == [IGN, 0, 299]  # 16-bit value 300 survives, then v - 1
+        assert raw.class_names[7] == "class_7"
+    folder = tmp_path / "folder" / "train"
+    folder.mkdir(parents=True)
+    rows = []
+    for i, (image, mask) in enumerate(zip(images, masks)):
+        image.save(folder / f"img{i}.png")
+        mask.save(folder / f"mask{i}.png")
+        rows.append(json.dumps({"file_name": f"img{i}.png", "mask_file_name": f"mask{i}.png"}))
+    (folder / "metadata.jsonl").write_text("\n".join(rows))
+    names = tmp_path / "names.txt"
+    names.write_text("".join(f"thing {c}\n" for c in range(400)))
+    raw = DATASETS["hf"](data_cfg(root=str(tmp_path / "folder"), **{**common, "image_column": "image",
+                                  "mask_column": "mask"}, class_names_file=str(names)), "train")
+    assert len(raw) == 3 and band_values(raw[0][1], 3) == [IGN, 0, 299] and raw.class_names[399] == "thing 399"
+
+
+def test_hf_errors_and_hub_routing(tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    with pytest.raises(DataError, match=r"missing.parquet not found; expected data.root = a save_to_disk"):
+        DATASETS["hf"](data_cfg(name="hf", root=str(tmp_path / "missing.parquet")), "train")
+    images, masks = hf_rows(1)
+    datasets.Dataset.from_dict({"image": images, "annotation": masks}).save_to_disk(tmp_path / "one")
+    with pytest.raises(DataError, match=r"no column 'label' \(columns: image, annotation\)"):
+        DATASETS["hf"](data_cfg(name="hf", root=str(tmp_path / "one")), "train")
+    calls = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **kw: calls.append((a, kw)) or
+                        datasets.Dataset.from_dict({"image": images, "label": masks}))
+    raw = DATASETS["hf"](data_cfg(name="hf", root="owner/segments", hf_config="full", num_classes=400), "train")
+    assert calls == [(("owner/segments", "full"), {"split": "train"})] and len(raw) == 1
+    assert band_values(raw[0][1], 3) == [0, 1, 300]  # defaults: void 255, no offset
+    monkeypatch.setitem(__import__("sys").modules, "datasets", None)  # as if not installed
+    with pytest.raises(DataError, match=r"needs the optional package `datasets`: pip install 'esskit\[hf\]'"):
+        DATASETS["hf"](data_cfg(name="hf", root="owner/segments"), "train")
+    with pytest.raises(ConfigError, match="class_names has 2 names but data.num_classes = 19"):
+        data_cfg(name="hf", class_names=["a", "b"])
+
+
+# ------------------------------------------------------------------------------ recipes and CLI
+
+TABLE_1 = {  # recipe: (C, crop, ESS batch, d, k, lr, steps = epochs x train images / batch)
+    "cityscapes": (19, [400, 800], 10, 7, 6, 0.1, 200 * 2975 // 10),
+    "voc": (21, [512, 512], 10, 7, 8, 0.1, 40000 * 16 // 10),
+    "ade20k": (150, [512, 512], 10, 12, 7, 0.01, 80 * 20210 // 10),
+    "cocostuff10k": (182, [512, 512], 10, 12, 7, 0.01, 40000 * 16 // 10),
+    "coco_lvis": (1284, [450, 450], 10, 12, 8, 0.01, 40 * 100170 // 10),
+}
+
+
+@pytest.mark.parametrize("name", TABLE_1)
+def test_recipes_carry_table_1(name):
+    cfg = load_config(Path("recipes") / f"{name}.toml")
+    c, crop, batch, d, k, lr, steps = TABLE_1[name]
+    got = (cfg.data.num_classes, cfg.data.crop, cfg.train.batch_size, cfg.model.embed_dim, cfg.method.k,
+           cfg.optim.lr, cfg.train.steps)
+    assert got == (c, crop, batch, d, k, lr, steps)
+    assert cfg.model.backbone == "resnet50" and cfg.model.pretrained and cfg.method.name == "ess"
+    assert cfg.data.name in DATASETS and "method.name=baseline" in Path(f"recipes/{name}.toml").read_text()
+
+
+def test_datasets_command_lists_every_loader():
+    result = CliRunner().invoke(app, ["datasets"])
+    assert result.exit_code == 0, result.output
+    for name in DATASETS:
+        assert name in result.output
+    assert "gtFine" in result.output and "esskit build-dataset coco-lvis" in result.output
+
+
+def test_train_end_to_end_on_ade20k_layout(tmp_path):
+    make_ade20k(tmp_path / "ADEChallengeData2016")
+    run = tmp_path / "run"
+    result = CliRunner().invoke(app, [
+        "train", "recipes/ade20k.toml", "--out", str(run), "--set", f"data.root={tmp_path / 'ADEChallengeData2016'}",
+        "--set", "model.backbone=resnet18", "--set", "model.pretrained=false", "--set", "data.crop=[64, 64]",
+        "--set", "data.base_size=[64, 96]", "--set", "train.steps=2", "--set", "train.batch_size=2",
+        "--set", "data.num_workers=0", "--set", "train.cpu=true", "--set", "train.log_every=1",
+        "--set", "train.save_every=0"])
+    assert result.exit_code == 0, result.output
+    evaluation = json.loads((run / "eval.json").read_text())
+    assert len(evaluation["IoU"]) == 150
+    assert tomllib.loads((run / "config.toml").read_text())["data"]["name"] == "ade20k"
