@@ -139,6 +139,7 @@ class TrainConfig:
     mixed_precision: str = "no"  # "no", "fp16" or "bf16" (the loss is always fp32)
     seed: int = 0
     cpu: bool = False  # force the CPU even when a GPU is present
+    sync_bn: bool = False  # SyncBatchNorm across processes (only when more than one process runs)
     log_every: int = 10  # steps between metrics.jsonl lines
     eval_every: int = 0  # steps between evaluations; 0 = only at the end
     save_every: int = 0  # steps between checkpoints; 0 = only at the end

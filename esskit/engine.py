@@ -25,6 +25,7 @@ from esskit.losses import segmentation_loss
 from esskit.metrics import SegMetrics
 from esskit.models import build_model, predict_labels
 from esskit.optim import build_optimizer, build_scheduler
+from esskit.syncbn import convert_sync_batchnorm
 
 # Keys that fix the shape of the model and its checkpoint: a resume must not change them.
 SHAPE_KEYS = ("model.backbone", "model.norm", "model.embed_dim", "method.name", "data.num_classes")
@@ -35,7 +36,8 @@ def make_accelerator(cfg: Config) -> Accelerator:
     # settings, keep the distributed state.
     AcceleratorState._reset_state(reset_partial_state=False)
     try:
-        return Accelerator(cpu=cfg.train.cpu, mixed_precision=cfg.train.mixed_precision)
+        # Without CUDA, cpu=True is what makes accelerate use gloo under torchrun / accelerate launch.
+        return Accelerator(cpu=cfg.train.cpu or not torch.cuda.is_available(), mixed_precision=cfg.train.mixed_precision)
     except ValueError as e:
         raise ConfigError(f"train.mixed_precision = {cfg.train.mixed_precision!r}: {e}") from None
 
@@ -52,6 +54,8 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict | None:
     prepare_run_dir(run_dir, cfg, resume, accelerator.is_main_process)
     set_seed(cfg.train.seed)
     model = model_from_config(cfg)
+    if cfg.train.sync_bn and accelerator.num_processes > 1:
+        model = convert_sync_batchnorm(model, accelerator.device)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg.train.steps)
     train_set = build_dataset(cfg.data, cfg.data.train_split, train=True, seed=cfg.train.seed)
@@ -71,9 +75,11 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict | None:
         accelerator.load_state(str(checkpoint))
         start = checkpoint_step(checkpoint)
         report.info(accelerator, f"resumed from {checkpoint} at step {start}")
+    effective = cfg.train.batch_size * cfg.train.grad_accum * accelerator.num_processes
     report.info(accelerator, f"{cfg.method.name} {cfg.model.backbone} C={cfg.data.num_classes}, "
                 f"batch {cfg.train.batch_size} x {cfg.train.grad_accum} accum x {accelerator.num_processes} "
-                f"processes on {accelerator.device}, run dir {run_dir}")
+                f"processes = {effective} on {accelerator.device} (lr {cfg.optim.lr:g} as given, not "
+                f"scaled with the batch), run dir {run_dir}")
     batches = endless_batches(accelerator, loader, start * cfg.train.grad_accum)
     log = report.MetricsLog(run_dir / "metrics.jsonl", accelerator.is_main_process)
     stop = StopSignal()
@@ -144,7 +150,8 @@ def evaluate(accelerator: Accelerator, model: torch.nn.Module, cfg: Config) -> d
             output = model(images)
         metrics.update(predict_labels(output, target.shape[-2:]), target)
     metrics.all_reduce()
-    return {**metrics.compute(), "pixels": metrics.num_pixels}
+    # class_pixels: target pixels per class, the frequency that `evaluate --per-class` sorts by (Fig. 6)
+    return {**metrics.compute(), "pixels": metrics.num_pixels, "class_pixels": metrics.target_count.tolist()}
 
 
 def finish_eval(accelerator: Accelerator, run_dir: Path, cfg: Config, result: dict, step: int) -> None:
