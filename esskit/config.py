@@ -157,8 +157,16 @@ class TrainConfig:
 class EvalConfig:
     batch_size: int = 4  # images per evaluation batch (1 when images differ in size)
     max_images: int = 0  # evaluate only the first N validation images; 0 = all
+    mode: str = "whole"  # "whole" image or "slide" (sliding windows, for Cityscapes-size images)
+    crop: list[int] = field(default_factory=lambda: [512, 1024])  # slide: window [H, W]
+    stride: list[int] = field(default_factory=lambda: [341, 682])  # slide: step [H, W]
 
     def __post_init__(self):
+        _check_choice("eval", "mode", self.mode, ("whole", "slide"))
+        for name in ("crop", "stride"):
+            value = getattr(self, name)
+            if len(value) != 2 or min(value) <= 0:
+                raise ConfigError(f"eval.{name} = {value} must be [height, width] with positive sizes")
         _check_positive("eval", self, ["batch_size"])
         _check_positive("eval", self, ["max_images"], allow_zero=True)
 

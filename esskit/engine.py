@@ -21,6 +21,7 @@ from esskit.config import Config, load_config, save_config
 from esskit.data import build_dataset
 from esskit.data.transforms import EpochSampler
 from esskit.errors import ConfigError, TrainingError
+from esskit.inference import infer
 from esskit.losses import segmentation_loss
 from esskit.metrics import SegMetrics
 from esskit.models import build_model, predict_labels
@@ -147,7 +148,7 @@ def evaluate(accelerator: Accelerator, model: torch.nn.Module, cfg: Config) -> d
     for images, target in report.eval_progress(accelerator, loader):
         images, target = images.to(accelerator.device), target.to(accelerator.device)
         with accelerator.autocast():
-            output = model(images)
+            output = infer(model, images, cfg.eval)
         metrics.update(predict_labels(output, target.shape[-2:]), target)
     metrics.all_reduce()
     # class_pixels: target pixels per class, the frequency that `evaluate --per-class` sorts by (Fig. 6)

@@ -1,0 +1,44 @@
+"""Whole-image or sliding-window inference (mmseg's `mode='slide'`) for images larger than a crop."""
+
+from __future__ import annotations
+
+import torch
+
+from esskit.config import EvalConfig
+from esskit.losses import upsample
+
+MAP_KEYS = ("logits", "embeddings")  # per-pixel outputs; other keys (class embeddings) pass through
+
+
+def _windows(size: int, crop: int, stride: int) -> list[int]:
+    """Window starts covering [0, size): a regular grid plus a last window flush with the edge."""
+    if size <= crop:
+        return [0]
+    starts = list(range(0, size - crop, stride))
+    return starts + [size - crop]
+
+
+@torch.no_grad()
+def infer(model: torch.nn.Module, images: torch.Tensor, cfg: EvalConfig) -> dict:
+    """The model's output dict with per-pixel maps at the image's full resolution.
+
+    Sliding windows average the upsampled per-pixel outputs where windows overlap (logits for
+    the baseline; embeddings for ESS, which `predict_labels` renormalises)."""
+    size = images.shape[-2:]
+    if cfg.mode == "whole":
+        output = model(images)
+        return {k: upsample(v.float(), size) if k in MAP_KEYS else v for k, v in output.items()}
+    (ch, cw), (sh, sw) = cfg.crop, cfg.stride
+    total, count, rest = None, images.new_zeros(1, 1, *size), {}
+    for top in _windows(size[0], ch, sh):
+        for left in _windows(size[1], cw, sw):
+            window = images[..., top:top + ch, left:left + cw]
+            output = model(window)
+            key = next(k for k in MAP_KEYS if k in output)
+            part = upsample(output[key].float(), window.shape[-2:])
+            if total is None:
+                total = images.new_zeros(images.shape[0], part.shape[1], *size, dtype=torch.float32)
+            total[..., top:top + ch, left:left + cw] += part
+            count[..., top:top + ch, left:left + cw] += 1
+            rest = {k: v for k, v in output.items() if k not in MAP_KEYS}
+    return {key: total / count, **rest}
