@@ -40,12 +40,150 @@ def train(recipe: Recipe, overrides: Overrides = None,
 @app.command()
 def evaluate(recipe: Recipe,
              checkpoint: Annotated[Path, typer.Option(help="Run directory or checkpoint directory")],
-             overrides: Overrides = None):
+             overrides: Overrides = None,
+             per_class: Annotated[bool, typer.Option("--per-class", help="Also per-class IoU by class frequency: "
+                                                     "table, per_class.csv and per_class_miou.png (Fig. 6)")] = False):
     """Evaluate a checkpoint on the recipe's validation split; writes eval.json in the run directory."""
     from esskit import engine
 
     try:
-        engine.evaluate_checkpoint(load_config(recipe, overrides or []), checkpoint)
+        cfg = load_config(recipe, overrides or [])
+        result = engine.evaluate_checkpoint(cfg, checkpoint)
+        if per_class:
+            from accelerate import PartialState
+
+            from esskit.checkpoint import find_checkpoint
+            from esskit.palette import class_names
+            from esskit.per_class import write_per_class
+
+            if PartialState().is_main_process:
+                write_per_class(result, class_names(cfg.data), find_checkpoint(checkpoint).parent,
+                                f"{cfg.method.name} · {cfg.data.name}")
+    except EsskitError as e:
+        _fail(e)
+
+
+@app.command("build-dataset")
+def build_dataset(
+        name: Annotated[str, typer.Argument(help="Dataset to build: coco-lvis (the others are read as downloaded)")],
+        lvis_json: Annotated[Path, typer.Option(help="LVIS v1 annotations, e.g. lvis_v1_train.json")],
+        stuff_json: Annotated[list[Path], typer.Option(help="COCO-Stuff 2017 JSON, e.g. stuff_train2017.json; "
+                                                            "repeat to merge several (lvis_v1_val needs both)")],
+        out: Annotated[Path, typer.Option(help="Mask folder, e.g. <data.root>/masks/train")],
+        workers: Annotated[int, typer.Option(help="Worker processes; 0 = one per CPU core")] = 0):
+    """Build the COCO+LVIS masks: one 16-bit PNG per image plus classes.json; resumable."""
+    from rich.console import Console
+    from rich.progress import MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    from esskit.errors import DataError
+
+    if name != "coco-lvis":
+        _fail(DataError(f"build-dataset {name!r}: only 'coco-lvis' needs building; `esskit datasets` lists layouts"))
+    from esskit.data.coco_lvis import build_masks
+
+    columns = [*Progress.get_default_columns()[:-1], MofNCompleteColumn(), TimeRemainingColumn()]
+    try:
+        with Progress(*columns, console=Console(stderr=True)) as bar:
+            task = bar.add_task("coco-lvis masks", total=None)
+
+            def progress(done: int, total: int, errors: list[str]) -> None:
+                bar.update(task, completed=done, total=total)
+                for line in errors:
+                    bar.console.print(f"corrupt {line}", markup=False, highlight=False)
+
+            report = build_masks(lvis_json, stuff_json, out, workers, progress)
+    except EsskitError as e:
+        _fail(e)
+    typer.echo(f"coco-lvis: {report.written} masks written, {report.skipped} already present, in {out}")
+    if report.without_stuff:
+        typer.echo(f"warning: {report.without_stuff} images are in no --stuff-json file; their stuff is "
+                   "unlabeled (lvis_v1_val.json needs stuff_train2017.json and stuff_val2017.json)", err=True)
+    if report.failed:
+        typer.echo(f"error: {report.failed} images not written: {len(report.errors)} corrupt annotations "
+                   "(listed above); fix or drop them and rerun: finished masks are kept", err=True)
+        raise typer.Exit(1)
+
+
+@app.command("datasets")
+def list_datasets():
+    """List the supported datasets (data.name), the on-disk layout each expects and where to get it."""
+    from importlib import import_module
+
+    from esskit.data import DATASETS
+
+    for name, load in DATASETS.items():
+        if not hasattr(load, "module"):
+            typer.echo(f"{name} (any number of classes)\n  layout: none, generated on the fly\n")
+            continue
+        module = import_module(load.module)
+        typer.echo(f"{name} ({getattr(module, 'NUM_CLASSES', 'data.num_classes')} classes)\n"
+                   f"  layout under data.root: {module.LAYOUT}\n  get it: {module.SOURCE}\n")
+
+
+@app.command()
+def profile(recipe: Annotated[Optional[Path], typer.Argument(help="Optional recipe for the other settings "
+                                                             "(method.k, model.embed_dim, ...)")] = None,
+            classes: Annotated[str, typer.Option(help="Class counts C, comma-separated")] = "19,150,1284",
+            methods: Annotated[str, typer.Option(help="Methods, comma-separated: baseline, ess")] = "baseline,ess",
+            backbone: Annotated[Optional[str], typer.Option(help="timm backbone (default: the recipe's, "
+                                                            "else resnet50)")] = None,
+            crop: Annotated[Optional[str], typer.Option(help="Training crop SIZE or HxW (default: the "
+                                                        "recipe's, else 512)")] = None,
+            budget_gib: Annotated[float, typer.Option(help="GPU memory budget in GiB (the paper's 12 GB card)")] = 12.0,
+            mixed_precision: Annotated[Optional[str], typer.Option(help="no, fp16 or bf16 (default: the "
+                                                                   "recipe's, else no)")] = None,
+            device: Annotated[Optional[str], typer.Option(help="cuda: measure on the GPU; meta: estimate on "
+                                                          "the CPU (default: cuda when available)")] = None,
+            max_batch: Annotated[int, typer.Option(help="Largest batch size the search tries")] = 256,
+            out: Annotated[Optional[Path], typer.Option(help="Output directory (default: profiling/results/"
+                                                        "BACKBONE-CROP-PRECISION-DEVICE)")] = None,
+            overrides: Overrides = None):
+    """Max batch size, peak memory and step times per method and class count (paper Figure 1,
+    Tables 6-7); writes results.csv/json, figure1.png, table6.md and table7.md."""
+    from esskit import profile as profiling
+
+    try:
+        base, recipe_keys = profiling.load_base(recipe, overrides or [])
+        spec = profiling.spec_from_options(base, recipe_keys, classes=classes, methods=methods, backbone=backbone,
+                                           crop=crop, budget_gib=budget_gib, precision=mixed_precision,
+                                           device=device, max_batch=max_batch)
+        profiling.run_profile(spec, out or profiling.default_out_dir(spec))
+    except EsskitError as e:
+        _fail(e)
+
+
+@app.command()
+def predict(images: Annotated[list[Path], typer.Argument(help="Image files and/or directories (searched recursively)")],
+            checkpoint: Annotated[Path, typer.Option(help="Run directory (its config.toml is the recipe) or "
+                                                     "checkpoint directory")],
+            out: Annotated[Path, typer.Option(help="Output directory")],
+            overlay: Annotated[bool, typer.Option("--overlay", help="Also NAME_overlay.png: image, colours and "
+                                                  "a legend of the classes present")] = False,
+            batch_size: Annotated[int, typer.Option(help="Images per forward pass (same-size images only)")] = 1):
+    """Segment images at full resolution: NAME_labels.png (class ids; 8-bit up to 256 classes, else
+    16-bit), NAME_color.png (a fixed colour per class) and predictions.json (classes per image)."""
+    from esskit.predict import run_predict
+
+    try:
+        records = run_predict(checkpoint, images, out, overlay, batch_size)
+    except EsskitError as e:
+        _fail(e)
+    typer.echo(f"predicted {len(records)} image{'s' * (len(records) != 1)} into {out}")
+
+
+@app.command()
+def analyze(checkpoint: Annotated[Path, typer.Option(help="Run directory or checkpoint directory")],
+            out: Annotated[Path, typer.Option(help="Output directory for the figures and tables")],
+            kmeans: Annotated[int, typer.Option(help="k of the k-means grouping of classes (capped at C)")] = 70,
+            images: Annotated[int, typer.Option(help="Validation images in the pixel-embedding figures (ESS)")] = 2,
+            train_images: Annotated[int, typer.Option(help="Training images counted for class frequency; "
+                                                      "0 = all")] = 0):
+    """What the class embeddings learned (supp. Figures 13, 15-18): norm vs. frequency, pixel
+    embeddings in 2-D and RGB, a dendrogram, k-means groups and each class's nearest classes."""
+    from esskit.analyze import run_analysis
+
+    try:
+        run_analysis(checkpoint, out, kmeans, images, train_images)
     except EsskitError as e:
         _fail(e)
 

@@ -1,0 +1,119 @@
+"""`esskit profile`: max batch, peak memory and step times per method and class count C
+(paper Figure 1, Tables 6-7), measured on a GPU (`measure.py`) or estimated on the CPU (`estimate.py`)."""
+
+from __future__ import annotations
+
+import datetime
+import platform
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import torch
+
+from esskit.config import Config, load_config
+from esskit.errors import ConfigError
+from esskit.profile.report import LiveTable, write_results
+from esskit.profile.search import ProfileSpec, profile_grid
+
+DEFAULT_BACKBONE = "resnet50"  # Figure 1 and Tables 6-7
+DEFAULT_CROP = 512  # Figure 1: 512x512
+
+__all__ = ["ProfileSpec", "default_out_dir", "load_base", "run_profile", "spec_from_options"]
+
+
+def parse_ints(text: str, option: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(f"{option} {text!r} must be comma-separated integers, e.g. 19,150,1284") from None
+
+
+def parse_crop(text: str) -> tuple[int, int]:
+    """"512" (square) or "400x800" (H x W)."""
+    parts = text.lower().split("x")
+    try:
+        sizes = [int(p) for p in parts]
+    except ValueError:
+        sizes = []
+    if len(sizes) not in (1, 2):
+        raise ConfigError(f"--crop {text!r} must be SIZE or HEIGHTxWIDTH, e.g. 512 or 400x800")
+    return (sizes[0], sizes[-1])
+
+
+def load_base(recipe: Path | None, overrides: list[str]) -> tuple[Config, set[str]]:
+    """The recipe (or the defaults) with --set applied, and the section.key names they set."""
+    cfg = load_config(recipe, overrides)  # validates, with errors that name the key
+    keys = {text.split("=", 1)[0].strip() for text in overrides}
+    if recipe is not None:
+        raw = tomllib.loads(Path(recipe).read_text())
+        keys |= {f"{section}.{key}" for section, values in raw.items() if isinstance(values, dict)
+                 for key in values}
+    return cfg, keys
+
+
+def choose(option, from_recipe, recipe_sets_it: bool, default):
+    """A CLI option wins, then the recipe's value when the recipe (or --set) gives one, then the
+    profile's own default (the paper's setting rather than the training defaults)."""
+    if option is not None:
+        return option
+    return from_recipe if recipe_sets_it else default
+
+
+def default_out_dir(spec: ProfileSpec) -> Path:
+    precision = "fp32" if spec.precision == "no" else spec.precision
+    crop = f"{spec.crop[0]}" if spec.crop[0] == spec.crop[1] else f"{spec.crop[0]}x{spec.crop[1]}"
+    return Path("profiling/results") / f"{spec.backbone}-{crop}-{precision}-{spec.device}"
+
+
+def make_backend(spec: ProfileSpec):
+    if spec.device == "cuda":
+        from esskit.profile.measure import CudaMeasurer
+
+        return CudaMeasurer(spec.budget_bytes)
+    from esskit.profile.estimate import Estimator
+
+    return Estimator(spec.budget_bytes)
+
+
+def run_profile(spec: ProfileSpec, out_dir: Path) -> list[dict]:
+    """Profile every (method, C) of `spec` and write the results into `out_dir`."""
+    for method in spec.methods:  # fail on a bad recipe/--set before any work
+        for num_classes in spec.classes:
+            spec.config(method, num_classes)
+    backend = make_backend(spec)
+    start = time.perf_counter()
+    with LiveTable(spec) as table:
+        rows = profile_grid(spec, backend, table.update)
+    settings = {
+        "backbone": spec.backbone, "crop": f"{spec.crop[0]}x{spec.crop[1]}", "precision": spec.precision,
+        "budget_gib": spec.budget_gib, "classes": spec.classes, "methods": spec.methods,
+        "source": backend.source, "device_name": backend.device_name, "max_batch_limit": spec.max_batch,
+        "embed_dim": spec.base.model.embed_dim, "k": spec.base.method.k,
+        "knn_chunk_mib": spec.base.method.knn_chunk_mib, "wall_s": round(time.perf_counter() - start, 1),
+        "torch": torch.__version__, "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["esskit", *sys.argv[1:]]),
+    }
+    write_results(rows, settings, out_dir)
+    return rows
+
+
+def spec_from_options(base: Config, recipe_keys: set[str], *, classes: str, methods: str, backbone: str | None,
+                      crop: str | None, budget_gib: float, precision: str | None, device: str | None,
+                      max_batch: int) -> ProfileSpec:
+    """The CLI's options over a recipe; `recipe_keys` are the section.key names the recipe or --set gave."""
+    size = parse_crop(crop) if crop is not None else None
+    recipe_crop = tuple(base.data.crop)
+    return ProfileSpec(
+        classes=parse_ints(classes, "--classes"),
+        methods=[m.strip() for m in methods.split(",") if m.strip()],
+        backbone=choose(backbone, base.model.backbone, "model.backbone" in recipe_keys, DEFAULT_BACKBONE),
+        crop=choose(size, recipe_crop, "data.crop" in recipe_keys, (DEFAULT_CROP, DEFAULT_CROP)),
+        budget_gib=budget_gib,
+        precision=choose(precision, base.train.mixed_precision, "train.mixed_precision" in recipe_keys, "no"),
+        device=device or ("cuda" if torch.cuda.is_available() else "meta"),
+        max_batch=max_batch,
+        base=base,
+    )

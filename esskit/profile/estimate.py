@@ -1,0 +1,186 @@
+"""Peak GPU memory of a training step, estimated on the CPU in seconds.
+
+The trainer's step (`step.training_step`) runs on fake tensors (`FakeTensorMode`: shapes, dtypes
+and storages, no data) under `MemoryTracker`, a dispatch mode that adds up the bytes of every live
+storage the way the CUDA caching allocator rounds them. Parameters, gradients, SGD momentum
+buffers, autograd's saved activations, AMP casts (and autocast's weight cache) are all storages
+created by aten ops, so all are counted; nothing in the library is patched.
+
+Two things differ from a real GPU and are handled here:
+- Fake tensors live on the CPU device: the autograd engine needs a real CUDA device to run backward
+  through CUDA-device fake tensors. So AMP uses CPU autocast (convolutions in fp16/bf16, as on CUDA;
+  esskit's losses cast to fp32 either way) and SGD is switched to its foreach kernels, which it
+  picks by itself for CUDA parameters.
+- Fake tensors have no values, so ops whose output shape depends on data cannot run. The one the
+  trainer hits is boolean-mask indexing, `pixel_emb[keep]` in `esskit.losses.ess_loss` (line 51,
+  `keep = target != IGNORE_INDEX`). The estimate feeds targets without ignore pixels
+  (`step.synthetic_batch`), so every such mask is all-true; `MemoryTracker(all_true_masks=True)`
+  replaces it by the integer indices `nonzero()` would return (counted, as the GPU allocates them).
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch._subclasses.fake_tensor import (DataDependentOutputException, DynamicOutputShapeException,
+                                          FakeTensorMode, UnsupportedOperatorException)
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from esskit.config import Config
+from esskit.errors import EsskitError
+from esskit.profile.search import Trial
+from esskit.profile.step import MixedPrecision, build_training, synthetic_batch, training_step
+
+MIB = 2**20
+BLOCK = 512  # CUDA caching allocator: every block is a multiple of 512 bytes
+LARGE_ALLOC = 1 * MIB  # blocks from 1 MiB up come from the large pool...
+LARGE_GRANULE = 2 * MIB  # ...whose segments grow in 2 MiB steps
+
+aten = torch.ops.aten
+# Ops taking `indices: Tensor?[]` as their second argument, where a bool mask means nonzero().
+MASK_INDEX_OPS = {aten.index.Tensor, aten.index_put.default, aten.index_put_.default,
+                  aten._index_put_impl_.default}
+
+
+class EstimateError(EsskitError):
+    pass
+
+
+def block_bytes(nbytes: int) -> int:
+    """Bytes the caching allocator hands out for one allocation (what `max_memory_allocated` counts)."""
+    return -(-nbytes // BLOCK) * BLOCK
+
+
+def reserved_bytes(nbytes: int) -> int:
+    """Bytes one allocation holds in reserved memory: 512-byte blocks in the small pool, 2 MiB
+    granules from 1 MiB up (an approximation of `max_memory_reserved`, the quantity the budget caps)."""
+    if nbytes < LARGE_ALLOC:
+        return block_bytes(nbytes)
+    return -(-nbytes // LARGE_GRANULE) * LARGE_GRANULE
+
+
+class MemoryTracker(TorchDispatchMode):
+    """Live and peak bytes of every storage created by an aten op while the mode is active.
+
+    Each storage is counted once, when it first appears in an op's output (views share it), and
+    freed when it is garbage collected (a weakref finaliser: PyTorch keeps one Python object per
+    storage alive as long as the storage is). `peak` uses `reserved_bytes`, `peak_allocated` uses
+    `block_bytes`.
+    """
+
+    def __init__(self, all_true_masks: bool = False):
+        super().__init__()
+        self.all_true_masks = all_true_masks
+        self.live = self.peak = self.live_allocated = self.peak_allocated = 0
+        self._sizes: dict[int, int] = {}  # id(storage) -> nbytes
+
+    def track(self, tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        key, nbytes = id(storage), storage.nbytes()
+        old = self._sizes.get(key)
+        if old == nbytes:
+            return
+        if old is None:
+            weakref.finalize(storage, self._free, key)
+        else:  # resized in place (out= ops): account the difference
+            self._change(-reserved_bytes(old), -block_bytes(old))
+        self._sizes[key] = nbytes
+        self._change(reserved_bytes(nbytes), block_bytes(nbytes))
+
+    def _free(self, key: int) -> None:
+        nbytes = self._sizes.pop(key, None)
+        if nbytes is not None:
+            self._change(-reserved_bytes(nbytes), -block_bytes(nbytes))
+
+    def _change(self, reserved: int, allocated: int) -> None:
+        self.live += reserved
+        self.live_allocated += allocated
+        self.peak = max(self.peak, self.live)
+        self.peak_allocated = max(self.peak_allocated, self.live_allocated)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.all_true_masks and func in MASK_INDEX_OPS:
+            args = (args[0], self._mask_indices(args[1]), *args[2:])
+        out = func(*args, **kwargs)
+        for leaf in tree_leaves(out):
+            if isinstance(leaf, torch.Tensor):
+                self.track(leaf)
+        return out
+
+    def _mask_indices(self, indices: list) -> list:
+        """Bool masks (all-true by construction, see the module doc) -> what ATen turns them into:
+        the columns of `mask.nonzero()`, one [n, ndim] int64 allocation."""
+        result = []
+        for index in indices:
+            if index is None or index.dtype != torch.bool:
+                result.append(index)
+                continue
+            if index.dim() == 0:
+                raise EstimateError("a 0-d boolean index cannot be resolved without values")
+            flat = torch.arange(index.numel(), device=index.device)
+            coords, rest = [], flat
+            for size in reversed(index.shape):
+                coords.append(rest % size)
+                rest = rest // size
+            nonzero = torch.stack(coords[::-1], dim=1) if index.dim() > 1 else flat.unsqueeze(1)
+            self.track(nonzero)  # the GPU allocates it too, for the duration of the op
+            result.extend(nonzero.unbind(1))
+        return result
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    peak_bytes: int  # reserved-memory estimate (2 MiB granules for large blocks)
+    peak_allocated_bytes: int  # allocated-memory estimate (512-byte blocks)
+
+    @property
+    def peak_mib(self) -> float:
+        return self.peak_bytes / MIB
+
+    @property
+    def peak_allocated_mib(self) -> float:
+        return self.peak_allocated_bytes / MIB
+
+
+def estimate_training_peak(cfg: Config, batch: int, steps: int = 2) -> MemoryEstimate:
+    """Peak memory of `steps` training steps at `batch` images of `cfg.data.crop`.
+
+    Two steps by default: from the second one the SGD momentum buffers are alive during the
+    forward and backward, which is when the trainer peaks.
+    """
+    try:
+        with FakeTensorMode(), MemoryTracker(all_true_masks=True) as tracker:
+            model, optimizer = build_training(cfg, "cpu")
+            for group in optimizer.param_groups:
+                group["foreach"] = True  # what SGD picks by itself for CUDA parameters
+            amp = MixedPrecision(cfg.train.mixed_precision, "cpu", scaler=False)
+            for _ in range(steps):
+                images, target = synthetic_batch(cfg, batch, "cpu")
+                training_step(model, optimizer, images, target, cfg, amp)
+                del images, target
+    except (DataDependentOutputException, DynamicOutputShapeException, UnsupportedOperatorException) as e:
+        raise EstimateError(f"{cfg.model.backbone} / {cfg.method.name}: the fake-tensor estimate cannot run "
+                            f"{getattr(e, 'func', e)} ({type(e).__name__}); measure with --device cuda") from None
+    return MemoryEstimate(tracker.peak, tracker.peak_allocated)
+
+
+class Estimator:
+    """`esskit profile --device meta`: a batch fits when its estimated reserved peak is within budget."""
+
+    source = "estimated"
+    device_name = "meta"
+
+    def __init__(self, budget_bytes: int):
+        self.budget_bytes = budget_bytes
+
+    def try_batch(self, cfg: Config, batch: int) -> Trial:
+        estimate = estimate_training_peak(cfg, batch)
+        return Trial(batch, estimate.peak_bytes <= self.budget_bytes, estimate.peak_bytes,
+                     estimate.peak_allocated_bytes)
+
+    def extra(self, cfg: Config, batch: int) -> dict:
+        return {}  # no times: fake tensors do no work

@@ -1,0 +1,157 @@
+"""`esskit profile --device cuda`: real training steps on a GPU capped at the memory budget.
+
+`torch.cuda.set_per_process_memory_fraction` makes the caching allocator refuse to reserve more
+than the budget, so a big GPU behaves like the paper's 12 GB card (the CUDA context, ~0.3-0.5 GiB
+outside the allocator, is not part of the budget). A batch fits when two training steps run without
+an out-of-memory error; peaks are `max_memory_reserved` (what the cap limits) and
+`max_memory_allocated`. Times are medians over synchronised iterations after a warm-up.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+
+import torch
+
+from esskit.config import Config
+from esskit.errors import EsskitError
+from esskit.profile.estimate import estimate_training_peak
+from esskit.profile.search import GIB, MIB, Trial
+from esskit.profile.step import (MixedPrecision, build_training, inference_step, synthetic_batch,
+                                 training_step)
+
+TRAIN_WARMUP, TRAIN_ITERS = 2, 5
+INFER_WARMUP, INFER_ITERS = 3, 10
+# cuDNN/cuBLAS report a failed workspace allocation with these instead of OutOfMemoryError.
+OOM_MESSAGES = ("out of memory", "CUDNN_STATUS_ALLOC_FAILED", "CUBLAS_STATUS_ALLOC_FAILED")
+
+
+def gpu_name_and_memory(device: torch.device) -> tuple[str, int]:
+    """The GPU's name and total memory: from NVML (nvidia-ml-py) when installed, else from torch."""
+    props = torch.cuda.get_device_properties(device)
+    try:
+        import pynvml
+    except ImportError:
+        return props.name, props.total_memory
+    try:
+        pynvml.nvmlInit()
+        try:
+            # By PCI address: NVML indices ignore CUDA_VISIBLE_DEVICES, torch's do not.
+            bus = getattr(props, "pci_bus_id", None)
+            if bus is None:
+                handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
+            else:
+                handle = pynvml.nvmlDeviceGetHandleByPciBusId(
+                    f"{props.pci_domain_id:08x}:{bus:02x}:{props.pci_device_id:02x}.0")
+            name = pynvml.nvmlDeviceGetName(handle)
+            total = pynvml.nvmlDeviceGetMemoryInfo(handle).total
+        finally:
+            pynvml.nvmlShutdown()
+    except pynvml.NVMLError:
+        return props.name, props.total_memory
+    return (name.decode() if isinstance(name, bytes) else name), int(total)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, torch.cuda.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and any(m in str(error) for m in OOM_MESSAGES))
+
+
+def release_memory(device: torch.device) -> None:
+    """Return everything the last trial left to the allocator, then the allocator's cache to the
+    driver, so each trial starts from an empty GPU and its peak is its own."""
+    gc.collect()
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+
+
+class CudaMeasurer:
+    source = "measured"
+
+    def __init__(self, budget_bytes: int, device: str = "cuda"):
+        if not torch.cuda.is_available():
+            raise EsskitError("--device cuda: no CUDA GPU is visible here; use --device meta for an estimate")
+        self.device = torch.device(device)
+        if self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        name, total = gpu_name_and_memory(self.device)
+        allocator_total = torch.cuda.get_device_properties(self.device).total_memory
+        if budget_bytes > allocator_total:
+            raise EsskitError(f"--budget-gib {budget_bytes / GIB:g} exceeds this GPU's memory "
+                              f"({name}, {allocator_total / GIB:.1f} GiB)")
+        torch.cuda.set_per_process_memory_fraction(budget_bytes / allocator_total, self.device)
+        self.device_name = f"{name} ({total / GIB:.0f} GiB, capped at {budget_bytes / GIB:g} GiB)"
+
+    def try_batch(self, cfg: Config, batch: int) -> Trial:
+        release_memory(self.device)
+        try:
+            self._train_steps(cfg, batch, steps=2)
+            fits = True
+        except Exception as error:  # noqa: BLE001 (only out-of-memory is expected, see below)
+            if not is_out_of_memory(error):
+                raise
+            fits = False  # the frames holding the trial's tensors go with the exception
+        peak = torch.cuda.max_memory_reserved(self.device)
+        peak_allocated = torch.cuda.max_memory_allocated(self.device)
+        release_memory(self.device)
+        # After an OOM the peaks are those of a partial step: a lower bound, not a result.
+        return Trial(batch, fits, peak if fits else None, peak_allocated if fits else None)
+
+    def _train_steps(self, cfg: Config, batch: int, steps: int) -> list[float]:
+        """Run `steps` training steps; the seconds of each, synchronised."""
+        model, optimizer = build_training(cfg, self.device)
+        amp = MixedPrecision(cfg.train.mixed_precision, "cuda")
+        seconds = []
+        for _ in range(steps):
+            images, target = synthetic_batch(cfg, batch, self.device)
+            torch.cuda.synchronize(self.device)
+            start = time.perf_counter()
+            training_step(model, optimizer, images, target, cfg, amp)
+            torch.cuda.synchronize(self.device)
+            seconds.append(time.perf_counter() - start)
+        return seconds
+
+    def extra(self, cfg: Config, batch: int) -> dict:
+        """Times at the max batch, and the fake-tensor estimate at the same batch for comparison."""
+        estimate = estimate_training_peak(cfg, max(batch, 1))
+        row = {"estimated_peak_mib": round(estimate.peak_bytes / MIB, 1)}
+        if batch == 0:
+            return row
+        release_memory(self.device)
+        try:
+            seconds = self._train_steps(cfg, batch, TRAIN_WARMUP + TRAIN_ITERS)[TRAIN_WARMUP:]
+            row["train_s_per_iter"] = round(_median(seconds), 4)
+            row["train_s_per_img"] = round(_median(seconds) / batch, 4)
+            release_memory(self.device)
+            row["infer_s_per_img"] = round(self._inference_seconds(cfg), 4)
+        except Exception as error:  # noqa: BLE001
+            if not is_out_of_memory(error):
+                raise
+            # Fragmentation over more iterations can tip the max batch over the cap.
+            row["note"] = f"out of memory while timing at batch {batch}"
+        release_memory(self.device)
+        return row
+
+    def _inference_seconds(self, cfg: Config) -> float:
+        """Median seconds of forward + `predict_labels` on one image of the crop size (eval mode)."""
+        model, _ = build_training(cfg, self.device)
+        model.eval()
+        amp = MixedPrecision(cfg.train.mixed_precision, "cuda")
+        images, _ = synthetic_batch(cfg, 1, self.device)
+        seconds = []
+        for i in range(INFER_WARMUP + INFER_ITERS):
+            torch.cuda.synchronize(self.device)
+            start = time.perf_counter()
+            inference_step(model, images, amp)
+            torch.cuda.synchronize(self.device)
+            if i >= INFER_WARMUP:
+                seconds.append(time.perf_counter() - start)
+        return _median(seconds)
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2

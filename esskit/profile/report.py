@@ -1,0 +1,168 @@
+"""What `esskit profile` shows and writes: a live table, results.csv/json, figure1.png (the paper's
+Figure 1: max batch vs C) and table6.md/table7.md (the paper's Tables 6-7 beside ours)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from rich.live import Live
+from rich.table import Table
+
+from esskit.report import console, json_safe
+from esskit.profile.search import COLUMNS, ProfileSpec
+
+METHOD_NAMES = {"baseline": "baseline", "ess": "ours (ESS)"}
+# Paper Tables 6-7 (ResNet50, one 12 GB Titan): dataset and training crop (Table 1) per C, then per
+# method the max batch, peak memory (GB), inference (s/img) and training (s/iter) times.
+PAPER = {
+    19: ("Cityscapes", "400x800", {"baseline": (14, 12.1, 0.195, 4.94), "ess": (12, 10.4, 0.233, 5.34)}),
+    150: ("ADE20k", "512x512", {"baseline": (8, 10.3, 0.023, 3.01), "ess": (10, 10.0, 0.026, 4.80)}),
+    1284: ("COCO+LVIS", "450x450", {"baseline": (2, 9.94, 0.049, 4.20), "ess": (10, 10.4, 0.036, 5.06)}),
+}
+
+
+class LiveTable:
+    """One line per (method, C), redrawn as the search and the timing progress."""
+
+    def __init__(self, spec: ProfileSpec):
+        self.spec = spec
+        self.rows: dict[tuple[str, int], dict] = {}
+        self.live = Live(self._render(), console=console, refresh_per_second=4)
+
+    def __enter__(self):
+        self.live.start()
+        return self
+
+    def update(self, row: dict) -> None:
+        self.rows[(row["method"], row["classes"])] = row
+        self.live.update(self._render())
+
+    def _render(self) -> Table:
+        s = self.spec
+        table = Table(title=f"esskit profile · {s.backbone} · crop {s.crop[0]}x{s.crop[1]} · {s.precision} · "
+                            f"budget {s.budget_gib:g} GiB · {s.device}")
+        for name in ("method", "C", "max batch", "peak MiB", "train s/iter", "infer s/img", "source", "status"):
+            table.add_column(name, justify="left" if name in ("method", "source", "status") else "right")
+        for row in self.rows.values():
+            table.add_row(row["method"], str(row["classes"]), _cell(row["max_batch"]), _cell(row["peak_mib"]),
+                          _cell(row["train_s_per_iter"]), _cell(row["infer_s_per_img"]), row["source"],
+                          row.get("note") or row.get("status", ""))
+        return table
+
+    def __exit__(self, *exc):
+        self.live.stop()
+        return False
+
+
+def _cell(value) -> str:
+    return "" if value is None else str(value)
+
+
+def write_results(rows: list[dict], settings: dict, out_dir: Path) -> list[Path]:
+    """results.csv, results.json, figure1.png, table6.md, table7.md in `out_dir`."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    payload = {"settings": settings, "columns": list(COLUMNS), "rows": rows}
+    (out_dir / "results.json").write_text(json.dumps(json_safe(payload), indent=1) + "\n")
+    plot_figure1(rows, settings, out_dir / "figure1.png")
+    (out_dir / "table6.md").write_text(table6(rows, settings))
+    (out_dir / "table7.md").write_text(table7(rows, settings))
+    return [out_dir / n for n in ("results.csv", "results.json", "figure1.png", "table6.md", "table7.md")]
+
+
+def _title(settings: dict) -> str:
+    precision = "fp32" if settings["precision"] == "no" else f"{settings['precision']} AMP"
+    return (f"{settings['backbone']}, crop {settings['crop']}, d={settings['embed_dim']}, k={settings['k']}, "
+            f"{precision}, {settings['budget_gib']:g} GiB budget, {settings['source']} on {settings['device_name']}")
+
+
+def plot_figure1(rows: list[dict], settings: dict, path: Path) -> None:
+    """Max batch vs C (log x) for each method, our numbers as lines, the paper's Table 6 as markers."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, never a window
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    for method, color in (("baseline", "tab:red"), ("ess", "tab:blue")):
+        mine = sorted((r["classes"], r["max_batch"]) for r in rows if r["method"] == method)
+        if mine:
+            ax.plot(*zip(*mine), "o-", color=color, label=f"{METHOD_NAMES[method]}, esskit ({settings['source']})")
+            for c, b in mine:
+                ax.annotate(str(b), (c, b), textcoords="offset points", xytext=(4, 4), fontsize=8, color=color)
+        if settings["backbone"] == "resnet50":  # the paper's numbers are for ResNet50
+            paper = [(c, entry[2][method][0]) for c, entry in PAPER.items()]
+            ax.plot(*zip(*paper), "s", mfc="none", color=color, label=f"{METHOD_NAMES[method]}, paper Table 6")
+    ax.set_xscale("log")
+    classes = sorted({r["classes"] for r in rows})
+    ax.set_xticks(classes, [str(c) for c in classes])
+    ax.set_xlabel("number of classes C")
+    ax.set_ylabel("max batch size")
+    ax.set_ylim(bottom=0)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.set_title(f"Max batch vs C ({_title(settings)})", fontsize=7)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _paper_columns(classes: int, method: str) -> tuple[str, tuple | None]:
+    if classes not in PAPER:
+        return f"- ({classes})", None
+    name, crop, numbers = PAPER[classes]
+    return f"{name} ({classes}; paper crop {crop})", numbers[method]
+
+
+def _fmt(value, digits: int | None = 2) -> str:
+    """Our floats with `digits` decimals; `digits=None` prints a number as given (the paper's)."""
+    if value is None or value == "":
+        return "-"
+    return f"{value:.{digits}f}" if isinstance(value, float) and digits is not None else str(value)
+
+
+def table6(rows: list[dict], settings: dict) -> str:
+    """Paper Table 6 (max batch, peak memory) with esskit's numbers beside it."""
+    lines = [f"# Table 6: max batch and peak training memory on one GPU\n",
+             f"esskit: {_title(settings)}. Paper: ResNet50 on a 12 GB Titan, GB as printed.\n",
+             "| dataset (C) | model | paper batch | paper memory (GB) | esskit max batch | esskit peak (GiB) "
+             "| source |", "|---|---|---|---|---|---|---|"]
+    for row in _by_classes(rows):
+        dataset, paper = _paper_columns(row["classes"], row["method"])
+        peak = None if row["peak_mib"] is None else row["peak_mib"] / 1024
+        lines.append(f"| {dataset} | {METHOD_NAMES[row['method']]} | {_fmt(paper and paper[0])} | "
+                     f"{_fmt(paper and paper[1], None)} | {row['max_batch']} | {_fmt(peak)} | {row['source']} |")
+    return "\n".join(lines) + "\n\n" + _footnote(rows)
+
+
+def table7(rows: list[dict], settings: dict) -> str:
+    """Paper Table 7 (inference s/img, training s/iter) with esskit's numbers beside it."""
+    lines = [f"# Table 7: inference and training time\n",
+             f"esskit: {_title(settings)}; inference on one crop-sized image, training at the max batch.\n",
+             "| dataset (C) | model | paper inference (s/img) | paper training (s/iter) | esskit inference (s/img) "
+             "| esskit training (s/iter) | esskit training (s/img) | esskit batch | source |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row in _by_classes(rows):
+        dataset, paper = _paper_columns(row["classes"], row["method"])
+        lines.append(f"| {dataset} | {METHOD_NAMES[row['method']]} | {_fmt(paper and paper[2], None)} | "
+                     f"{_fmt(paper and paper[3], None)} | {_fmt(row['infer_s_per_img'], 3)} | "
+                     f"{_fmt(row['train_s_per_iter'])} | {_fmt(row['train_s_per_img'], 3)} | {row['max_batch']} | "
+                     f"{row['source']} |")
+    text = "\n".join(lines) + "\n\n"
+    if any(r["source"] == "estimated" for r in rows):
+        text += "Estimated rows have no times: fake tensors do no arithmetic. Run `--device cuda` on a GPU.\n\n"
+    return text + _footnote(rows)
+
+
+def _by_classes(rows: list[dict]) -> list[dict]:
+    return sorted(rows, key=lambda r: (r["classes"], r["method"] != "baseline"))
+
+
+def _footnote(rows: list[dict]) -> str:
+    notes = [f"- {METHOD_NAMES[r['method']]}, C={r['classes']}: {r['note']}" for r in _by_classes(rows) if r["note"]]
+    return ("Notes:\n" + "\n".join(notes) + "\n") if notes else ""

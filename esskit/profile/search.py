@@ -1,0 +1,167 @@
+"""The largest batch that fits a memory budget, for every (method, C) of a profile.
+
+`max_batch_size` doubles the batch from 1 until a training step does not fit, then bisects between
+the last batch that fitted and the first that did not. `profile_grid` runs it for each cell with a
+backend that answers "does this batch fit?": `estimate.Estimator` (fake tensors, CPU) or
+`measure.CudaMeasurer` (real steps on a GPU capped at the budget).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+from esskit.config import Config
+from esskit.errors import ConfigError
+from esskit.profile.step import cell_config
+
+MIB = 2**20
+GIB = 2**30
+METHODS = ("baseline", "ess")
+DEVICES = ("meta", "cuda")
+PRECISIONS = ("no", "fp16", "bf16")
+# One row per (method, C) in results.csv, in this order (results.json rows add the trials).
+COLUMNS = ("device", "method", "backbone", "classes", "crop", "precision", "budget_gib", "max_batch",
+           "peak_mib", "peak_allocated_mib", "train_s_per_iter", "train_s_per_img", "infer_s_per_img",
+           "source", "estimated_peak_mib", "note")
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One training attempt at `batch`: whether it fitted and, when known, its peak memory."""
+
+    batch: int
+    fits: bool
+    peak_bytes: int | None = None  # reserved memory (measured) or its estimate
+    peak_allocated_bytes: int | None = None  # allocated memory (measured) or its estimate
+
+
+def max_batch_size(try_batch: Callable[[int], Trial], limit: int = 256,
+                   on_trial: Callable[[Trial], None] | None = None) -> tuple[int, list[Trial]]:
+    """The largest batch in 1..`limit` whose trial fits (0 when batch 1 does not), assuming that a
+    batch fits whenever a larger one does. Returns it with every trial, in the order run."""
+    trials: list[Trial] = []
+
+    def fits(batch: int) -> bool:
+        trial = try_batch(batch)
+        trials.append(trial)
+        if on_trial:
+            on_trial(trial)
+        return trial.fits
+
+    if limit < 1 or not fits(1):
+        return 0, trials
+    good, bad = 1, None
+    while bad is None:
+        if good >= limit:
+            return good, trials
+        candidate = min(2 * good, limit)
+        if fits(candidate):
+            good = candidate
+        else:
+            bad = candidate
+    while bad - good > 1:
+        middle = (good + bad) // 2
+        if fits(middle):
+            good = middle
+        else:
+            bad = middle
+    return good, trials
+
+
+@dataclass(kw_only=True)
+class ProfileSpec:
+    """What `esskit profile` runs: every method for every class count C."""
+
+    classes: list[int]  # class counts C
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    backbone: str = "resnet50"  # timm backbone (Figure 1 / Table 6 use ResNet50)
+    crop: tuple[int, int] = (512, 512)  # training crop [H, W] (Figure 1: 512x512)
+    budget_gib: float = 12.0  # GPU memory budget (the paper's 12 GB Titan)
+    precision: str = "no"  # train.mixed_precision: "no", "fp16" or "bf16"
+    device: str = "meta"  # "meta": estimate on the CPU; "cuda": measure on the GPU
+    max_batch: int = 256  # the search stops here
+    base: Config = field(default_factory=Config)  # recipe and --set values for everything else
+
+    def __post_init__(self):
+        if not self.classes or min(self.classes) < 2:
+            raise ConfigError(f"--classes {self.classes}: give class counts >= 2, e.g. --classes 19,150,1284")
+        for method in self.methods:
+            if method not in METHODS:
+                raise ConfigError(f"--methods: {method!r} is not one of {', '.join(METHODS)}")
+        if self.device not in DEVICES:
+            raise ConfigError(f"--device {self.device!r} is not one of {', '.join(DEVICES)}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"--mixed-precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        if self.budget_gib <= 0 or self.max_batch < 1 or min(self.crop) < 1:
+            raise ConfigError("--budget-gib, --max-batch and --crop must be positive")
+
+    @property
+    def budget_bytes(self) -> int:
+        return int(self.budget_gib * GIB)
+
+    def config(self, method: str, num_classes: int) -> Config:
+        return cell_config(self.base, method=method, num_classes=num_classes, backbone=self.backbone,
+                           crop=self.crop, precision=self.precision)
+
+
+class Backend(Protocol):
+    source: str  # "measured" or "estimated"
+    device_name: str
+
+    def try_batch(self, cfg: Config, batch: int) -> Trial: ...
+
+    def extra(self, cfg: Config, batch: int) -> dict: ...  # timings etc. at the max batch
+
+
+def profile_grid(spec: ProfileSpec, backend: Backend, on_update: Callable[[dict], None]) -> list[dict]:
+    """One row per (method, C); `on_update` sees each row grow (for the live table)."""
+    rows = []
+    for method in spec.methods:
+        for num_classes in spec.classes:
+            rows.append(profile_cell(spec, backend, method, num_classes, on_update))
+    return rows
+
+
+def profile_cell(spec: ProfileSpec, backend: Backend, method: str, num_classes: int,
+                 on_update: Callable[[dict], None]) -> dict:
+    cfg = spec.config(method, num_classes)
+    row = dict.fromkeys(COLUMNS)
+    row.update(device=backend.device_name, method=method, backbone=spec.backbone, classes=num_classes,
+               crop=f"{spec.crop[0]}x{spec.crop[1]}", precision=spec.precision, budget_gib=spec.budget_gib,
+               source=backend.source, note="")
+    on_update({**row, "status": "searching"})
+
+    def show(trial: Trial) -> None:
+        verdict = "fits" if trial.fits else "too big"
+        on_update({**row, "status": f"batch {trial.batch} {verdict} ({_mib(trial.peak_bytes)} MiB)"})
+
+    best, trials = max_batch_size(lambda batch: backend.try_batch(cfg, batch), spec.max_batch, show)
+    row["max_batch"] = best
+    at_best = next((t for t in reversed(trials) if t.batch == best), None)
+    if at_best is not None:
+        row["peak_mib"] = _mib(at_best.peak_bytes)
+        row["peak_allocated_mib"] = _mib(at_best.peak_allocated_bytes)
+    row["note"] = _note(spec, best, trials)
+    if best > 0:
+        on_update({**row, "status": "timing"})
+    row.update(backend.extra(cfg, best))
+    row["trials"] = [{"batch": t.batch, "fits": t.fits, "peak_mib": _mib(t.peak_bytes),
+                      "peak_allocated_mib": _mib(t.peak_allocated_bytes)} for t in trials]
+    on_update({**row, "status": "done"})
+    return row
+
+
+def _note(spec: ProfileSpec, best: int, trials: list[Trial]) -> str:
+    if best == 0:
+        needed = trials[0].peak_bytes if trials else None
+        if needed is None:
+            return "batch 1 does not fit (out of memory)"
+        return f"batch 1 needs {needed / GIB:.1f} GiB > {spec.budget_gib:g} GiB budget"
+    if best == spec.max_batch:
+        return f"search limit --max-batch {spec.max_batch} reached"
+    return ""
+
+
+def _mib(nbytes: int | None) -> float | None:
+    return None if nbytes is None else round(nbytes / MIB, 1)

@@ -1,0 +1,98 @@
+"""The training and inference step that `esskit profile` measures (CUDA) and estimates (fake tensors).
+
+It is the trainer's step (`esskit.engine.train`) assembled from the same parts: `model_from_config`,
+`segmentation_loss`, `build_optimizer` and `predict_labels`, with mixed precision applied the way
+accelerate's `prepare` applies it for the trainer: the forward under autocast, its outputs cast back
+to fp32, the loss outside autocast, and a GradScaler for fp16.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from accelerate.utils import convert_to_fp32
+
+from esskit.config import Config, build_config, config_to_dict
+from esskit.engine import model_from_config
+from esskit.losses import segmentation_loss
+from esskit.models import predict_labels
+from esskit.optim import build_optimizer
+
+AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def cell_config(base: Config, *, method: str, num_classes: int, backbone: str, crop: tuple[int, int],
+                precision: str) -> Config:
+    """`base` (a recipe or the defaults) with one profiled cell's settings, validated like a recipe."""
+    raw = config_to_dict(base)
+    raw["method"]["name"] = method
+    raw["data"]["num_classes"] = num_classes
+    raw["data"]["crop"] = list(crop)
+    raw["model"]["backbone"] = backbone
+    raw["model"]["pretrained"] = False  # weights do not change memory or time; never download
+    raw["train"]["mixed_precision"] = precision
+    return build_config(raw, f"esskit profile ({method}, C={num_classes})")
+
+
+class MixedPrecision:
+    """accelerate's native AMP for one device type; `scaler=False` skips the GradScaler (its
+    `.item()` on the found-inf flag cannot run on fake tensors; it holds only a few scalars)."""
+
+    def __init__(self, precision: str, device_type: str, scaler: bool = True):
+        self.dtype = AMP_DTYPES.get(precision)
+        self.device_type = device_type
+        use_scaler = scaler and precision == "fp16"
+        self.scaler = torch.amp.GradScaler(device_type) if use_scaler else None
+
+    def autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+    def forward(self, model: torch.nn.Module, images: torch.Tensor) -> dict:
+        with self.autocast():
+            output = model(images)
+        return convert_to_fp32(output) if self.dtype is not None else output
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.scaler:
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        else:
+            optimizer.step()
+
+
+def build_training(cfg: Config, device: torch.device | str) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The trainer's model (train mode) on `device` and its optimizer."""
+    model = model_from_config(cfg).train()
+    if torch.device(device).type != "cpu":  # fake tensors cannot be swapped by .to() even onto their device
+        model.to(device)
+    return model, build_optimizer(model, cfg)
+
+
+def synthetic_batch(cfg: Config, batch: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random images and labels at the crop size. No ignore pixels: every pixel enters the loss
+    (the worst case for memory), and the fake-tensor estimate relies on it (see estimate.py)."""
+    h, w = cfg.data.crop
+    images = torch.randn(batch, 3, h, w, device=device)
+    target = torch.randint(0, cfg.data.num_classes, (batch, h, w), device=device)
+    return images, target
+
+
+def training_step(model, optimizer, images: torch.Tensor, target: torch.Tensor, cfg: Config,
+                  amp: MixedPrecision) -> None:
+    """One optimizer step as `esskit.engine.train` runs it with grad_accum = 1."""
+    loss, _ = segmentation_loss(amp.forward(model, images), target, cfg.method)
+    amp.backward(loss)
+    amp.step(optimizer)
+    optimizer.zero_grad(set_to_none=True)
+
+
+@torch.no_grad()
+def inference_step(model, images: torch.Tensor, amp: MixedPrecision) -> torch.Tensor:
+    """Forward and per-pixel labels, as `esskit.engine.evaluate` predicts."""
+    return predict_labels(amp.forward(model, images), images.shape[-2:])

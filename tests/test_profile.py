@@ -1,0 +1,183 @@
+import csv
+import json
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from typer.testing import CliRunner
+
+from esskit.cli import app
+from esskit.config import Config, build_config
+from esskit.profile.estimate import MIB, MemoryTracker, block_bytes, estimate_training_peak, reserved_bytes
+from esskit.profile.search import COLUMNS, Trial, max_batch_size
+from esskit.profile.step import cell_config
+
+
+def test_allocation_rounding_follows_the_caching_allocator():
+    assert [block_bytes(n) for n in (0, 1, 512, 513, 4000)] == [0, 512, 512, 1024, 4096]
+    assert reserved_bytes(MIB - 1) == MIB  # small pool: 512-byte blocks
+    assert reserved_bytes(MIB) == 2 * MIB  # large pool: 2 MiB granules
+    assert reserved_bytes(2 * MIB + 1) == 4 * MIB
+
+
+def test_tracker_counts_each_storage_once_and_frees_it_with_its_last_tensor():
+    with MemoryTracker() as tracker:
+        a = torch.empty(100)  # 400 B -> one 512 B block
+        view = a.view(10, 10)  # same storage: nothing new
+        a.add_(1)  # in place: nothing new
+        big = torch.empty(300_000)  # 1.2 MB -> 1,200,128 B allocated, 2 MiB reserved
+        c = a + 1  # 512 B
+        assert (tracker.live, tracker.live_allocated) == (1024 + 2 * MIB, 1024 + 1_200_128)
+        del big
+        assert (tracker.live, tracker.live_allocated) == (1024, 1024)
+        del a
+        assert tracker.live == 1024  # `view` keeps a's storage alive
+        del view
+        assert tracker.live == 512
+    assert (tracker.peak, tracker.peak_allocated) == (1024 + 2 * MIB, 1024 + 1_200_128)
+    del c
+
+
+def test_boolean_mask_indexing_runs_on_fake_tensors_and_counts_the_nonzero_indices():
+    with FakeTensorMode(), MemoryTracker(all_true_masks=True) as tracker:
+        x = torch.empty(1000, 12, requires_grad=True)  # 48,000 B -> 48,128
+        mask = torch.ones(1000, dtype=torch.bool)  # 1,000 B -> 1,024
+        before = tracker.live
+        y = x[mask]
+        assert y.shape == (1000, 12)
+        # during the op: nonzero() indices [1000, 1] int64 (8,192) and the output (48,128)
+        assert tracker.peak == before + 8192 + 48_128
+        assert tracker.live == before + 48_128
+        y.sum().backward()  # index backward: index_put with the same mask
+        assert x.grad.shape == (1000, 12)
+
+
+def test_tracker_agrees_with_pytorchs_memtracker():
+    mem_tracker = pytest.importorskip("torch.distributed._tools.mem_tracker")
+    from esskit.profile.step import MixedPrecision, build_training, synthetic_batch, training_step
+
+    cfg = cell_config(Config(), method="ess", num_classes=150, backbone="resnet18", crop=(64, 64), precision="no")
+    with FakeTensorMode():
+        reference = mem_tracker.MemTracker()
+        with reference, MemoryTracker(all_true_masks=True) as ours:
+            model, optimizer = build_training(cfg, "cpu")
+            images, target = synthetic_batch(cfg, 2, "cpu")
+            training_step(model, optimizer, images, target, cfg, MixedPrecision("no", "cpu"))
+        theirs = sum(snap["Total"] for snap in reference.get_tracker_snapshot("peak").values())
+    assert ours.peak_allocated == pytest.approx(theirs, rel=1e-3)
+
+
+@pytest.mark.parametrize("boundary", [0, 1, 2, 3, 13, 16, 17, 63, 64, 100])
+def test_search_finds_the_exact_boundary(boundary):
+    def try_batch(batch):  # a fake memory function: 100 MiB per image + 50 MiB fixed
+        peak = (batch * 100 + 50) * MIB
+        return Trial(batch, batch <= boundary, peak)
+
+    best, trials = max_batch_size(try_batch, limit=64)
+    assert best == min(boundary, 64)
+    tried = [t.batch for t in trials]
+    assert len(tried) == len(set(tried))  # no batch tried twice
+    assert len(tried) <= 2 * 7 + 1  # doubling then bisection: O(log limit)
+    if boundary == 0:
+        assert tried == [1]  # out of memory at batch 1: stop there
+
+
+def test_search_order_is_doubling_then_bisection():
+    best, trials = max_batch_size(lambda b: Trial(b, b <= 13), limit=256)
+    assert best == 13 and [t.batch for t in trials] == [1, 2, 4, 8, 16, 12, 14, 13]
+
+
+def _peak(method, num_classes, batch, crop):
+    # A 1 MiB kNN block: the [rows, C] distance block otherwise grows with C up to its 256 MiB cap,
+    # which at this tiny scale is a large share of the step (at 512x512 it is a few percent).
+    base = build_config({"method": {"knn_chunk_mib": 1}})
+    cfg = cell_config(base, method=method, num_classes=num_classes, backbone="resnet18", crop=(crop, crop),
+                      precision="no")
+    return estimate_training_peak(cfg, batch).peak_allocated_bytes
+
+
+def test_estimated_ess_memory_is_flat_in_classes_while_baseline_grows():
+    batch, crop, small, large = 4, 128, 19, 400
+    ess_small, ess_large = _peak("ess", small, batch, crop), _peak("ess", large, batch, crop)
+    base_small, base_large = _peak("baseline", small, batch, crop), _peak("baseline", large, batch, crop)
+    # The baseline's backward holds three fp32 [B, C, H, W] tensors at once: the saved log-softmax,
+    # the NLL gradient and the log-softmax gradient; two of them more than at C = small is a floor.
+    pixels_x_bytes = batch * crop * crop * 4
+    assert base_large >= 3 * large * pixels_x_bytes
+    assert base_large - base_small >= 2 * (large - small) * pixels_x_bytes
+    # ESS grows only by the C x d class embeddings (+ gradient and momentum): bytes, not megabytes.
+    assert abs(ess_large - ess_small) < 0.01 * ess_small
+
+
+def test_profile_cli_writes_results_with_the_right_columns(tmp_path):
+    out = tmp_path / "profile"
+    result = CliRunner().invoke(app, ["profile", "--device", "meta", "--backbone", "resnet18", "--crop", "64",
+                                      "--classes", "19,150", "--budget-gib", "0.35", "--max-batch", "2",
+                                      "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    with open(out / "results.csv") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    assert tuple(reader.fieldnames) == COLUMNS
+    assert [(r["method"], r["classes"]) for r in rows] == [("baseline", "19"), ("baseline", "150"),
+                                                          ("ess", "19"), ("ess", "150")]
+    for row in rows:
+        assert row["source"] == "estimated" and row["device"] == "meta" and row["crop"] == "64x64"
+        assert row["train_s_per_iter"] == row["infer_s_per_img"] == row["estimated_peak_mib"] == ""
+        assert 1 <= int(row["max_batch"]) <= 2 and float(row["peak_mib"]) <= 0.35 * 1024
+    payload = json.loads((out / "results.json").read_text())
+    assert len(payload["rows"]) == 4 and set(COLUMNS) <= set(payload["rows"][0])
+    assert payload["settings"]["source"] == "estimated" and payload["rows"][0]["trials"][0]["batch"] == 1
+    assert (out / "figure1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table6 = (out / "table6.md").read_text()
+    assert "| Cityscapes (19; paper crop 400x800) | baseline | 14 | 12.1 |" in table6
+    assert "| ADE20k (150; paper crop 512x512) | ours (ESS) | 10 | 10.0 |" in table6
+    assert "| 0.195 | 4.94 | - | - | - |" in (out / "table7.md").read_text()
+
+
+def test_profile_cli_reports_bad_options_in_one_line(tmp_path):
+    result = CliRunner().invoke(app, ["profile", "--device", "meta", "--methods", "baseline,fancy",
+                                      "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "--methods: 'fancy' is not one of baseline, ess" in result.output
+
+
+def test_cuda_measurer_control_flow_without_a_gpu(monkeypatch):
+    """No GPU here: torch.cuda and the step are stubbed to check the OOM handling, the peaks read
+    and the timing arithmetic of measure.py; real numbers need `--device cuda` on a GPU."""
+    from types import SimpleNamespace
+
+    from esskit.profile import measure
+    from esskit.profile.estimate import MemoryEstimate
+
+    calls = {}
+    props = SimpleNamespace(name="Fake GPU", total_memory=48 * 2**30)
+    for name, value in {"is_available": lambda: True, "current_device": lambda: 0,
+                        "get_device_properties": lambda device: props, "synchronize": lambda device=None: None,
+                        "empty_cache": lambda: None, "reset_peak_memory_stats": lambda device=None: None,
+                        "max_memory_reserved": lambda device=None: 3 * MIB,
+                        "max_memory_allocated": lambda device=None: 2 * MIB,
+                        "set_per_process_memory_fraction": lambda f, device=None: calls.setdefault("fraction", f),
+                        }.items():
+        monkeypatch.setattr(torch.cuda, name, value)
+    monkeypatch.setattr(measure, "gpu_name_and_memory", lambda device: ("Fake GPU", props.total_memory))
+    monkeypatch.setattr(measure, "build_training", lambda cfg, device: (torch.nn.Linear(1, 1), None))
+    monkeypatch.setattr(measure, "synthetic_batch", lambda cfg, batch, device: (batch, None))
+    monkeypatch.setattr(measure, "inference_step", lambda model, images, amp: None)
+    monkeypatch.setattr(measure, "estimate_training_peak", lambda cfg, batch: MemoryEstimate(5 * MIB, 4 * MIB))
+
+    def step(model, optimizer, batch, target, cfg, amp):
+        if batch > 6:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(measure, "training_step", step)
+    measurer = measure.CudaMeasurer(12 * 2**30)
+    assert calls["fraction"] == pytest.approx(12 / 48) and "capped at 12 GiB" in measurer.device_name
+    cfg = cell_config(Config(), method="ess", num_classes=19, backbone="resnet18", crop=(64, 64), precision="no")
+    assert measurer.try_batch(cfg, 6) == Trial(6, True, 3 * MIB, 2 * MIB)
+    assert measurer.try_batch(cfg, 7) == Trial(7, False, None, None)
+    row = measurer.extra(cfg, 6)
+    assert row["estimated_peak_mib"] == 5.0 and row["train_s_per_iter"] >= 0 and row["infer_s_per_img"] >= 0
+    assert row["train_s_per_img"] == pytest.approx(row["train_s_per_iter"] / 6, abs=1e-4)
+    with pytest.raises(ValueError):  # anything but out-of-memory propagates
+        monkeypatch.setattr(measure, "training_step", lambda *a: (_ for _ in ()).throw(ValueError("bug")))
+        measurer.try_batch(cfg, 1)
