@@ -161,3 +161,33 @@ def test_unwritable_run_directory_fails_before_training(tmp_path):
     proc = single("train", str(RECIPE), "--out", str(blocker / "run"), *sets(TINY), check=False)
     assert proc.returncode == 2
     assert "is not writable" in proc.stderr and "run dir" not in proc.stdout
+
+
+NAN_ON_RANK_1 = textwrap.dedent("""
+    import os, sys
+    import esskit.engine as engine
+    real_loss, calls = engine.segmentation_loss, []
+
+    def nan_on_rank_1_at_step_2(output, target, cfg):
+        calls.append(1)
+        loss, parts = real_loss(output, target, cfg)
+        if os.environ.get("RANK") == "1" and len(calls) == 2:
+            loss = loss * float("nan")
+        return loss, parts
+
+    engine.segmentation_loss = nan_on_rank_1_at_step_2
+    from esskit.cli import app
+    app(sys.argv[1:])
+""")
+
+
+def test_non_finite_loss_on_one_process_stops_all_without_hanging(tmp_path):
+    driver = tmp_path / "driver.py"
+    driver.write_text(NAN_ON_RANK_1)
+    proc = run([str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no", str(driver),
+                "train", str(RECIPE), "--out", str(tmp_path / "run"), *sets(TINY)], check=False)
+    assert proc.returncode != 0
+    # Both ranks see the all-reduced loss, so both report the same step and exit.
+    assert proc.stderr.count("loss is nan at step 2") == 2, proc.stderr[-2000:]
+    assert not list((tmp_path / "run").glob("checkpoint-*"))
