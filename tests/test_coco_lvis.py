@@ -33,45 +33,108 @@ def rle(region: np.ndarray, compressed: bool = True) -> dict:
     return {"size": list(region.shape), "counts": ([0] if flat[0] else []) + runs}
 
 
+SIZES = {1: (40, 60), 2: (30, 50), 3: (40, 60), 4: (20, 20)}  # image id -> (height, width); 4 has no stuff
+# COCO-Stuff id -> mask value, written out from DESIGN.md's rules for the ids the fixture uses.
+STUFF_VALUE = {
+    92: 50,  # banner: one of the 10 stuff classes LVIS has, takes the LVIS id
+    93: 110,  # blanket -> LVIS 110, which is desk-stuff's COCO-Stuff id: not chained on to 1217
+    94: 1204,  # branch: the first of the 81 stuff-only classes
+    98: 181,  # cabinet -> LVIS 181, which is window-other's COCO-Stuff id: not chained on to 1283
+    110: 1217,  # desk-stuff: the 14th stuff-only class
+    165: 1050,  # table -> LVIS 1050
+    181: 1283,  # window-other
+    182: 1284,  # wood: the last stuff id
+    183: 0,  # "other" (the things' region of COCO-Stuff 2017) is unlabeled
+}
+
+
 def box(h, w, rows, cols) -> np.ndarray:
     region = np.zeros((h, w), bool)
     region[rows, cols] = True
     return region
 
 
+def rows_of(image_id: int, rows: slice, cols: slice = slice(None)) -> np.ndarray:
+    return box(*SIZES[image_id], rows, cols)
+
+
+def polygon_region(polygon: list, image_id: int) -> np.ndarray:
+    """What the COCO API rasterises a polygon to; parts with < 3 points have no area (DESIGN.md)."""
+    if len(polygon) < 6:
+        return np.zeros(SIZES[image_id], bool)
+    return mask_utils.decode(mask_utils.frPyObjects([polygon], *SIZES[image_id]))[..., 0].astype(bool)
+
+
+STUFF = [  # (image, COCO-Stuff category, region, RLE compressed); regions of an image do not overlap
+    (1, 165, rows_of(1, slice(0, 20)), True),  # table (shared with LVIS 1050)
+    (1, 182, rows_of(1, slice(20, 40), slice(0, 30)), True),  # wood: last stuff id -> 1284
+    (1, 183, rows_of(1, slice(20, 40), slice(30, 60)), True),  # "other" -> unlabeled
+    (2, 98, rows_of(2, slice(0, 10)), True),  # cabinet -> LVIS 181, not 1283
+    (2, 181, rows_of(2, slice(10, 20)), False),  # window-other -> 1283
+    (2, 94, rows_of(2, slice(20, 30)), True),  # branch: first non-shared -> 1204
+    (3, 92, rows_of(3, slice(0, 14)), True),  # banner -> LVIS 50
+    (3, 93, rows_of(3, slice(14, 27)), True),  # blanket -> LVIS 110, not 1217
+    (3, 110, rows_of(3, slice(27, 40)), False),  # desk-stuff -> 1217
+]
+TRIANGLE, BOX = [1, 1, 10, 1, 10, 10], [1, 1, 5, 1, 5, 5, 1, 5]
+LVIS = [  # (annotation id, image, LVIS category, region or polygon); the first in file order wins overlaps
+    (10, 1, 500, rows_of(1, slice(5, 25), slice(10, 30))),
+    (11, 1, 7, [20, 15, 40, 15, 40, 35, 20, 35]),
+    (12, 2, 1203, rows_of(2, slice(2, 6), slice(2, 6))),
+    (13, 3, 1, TRIANGLE),
+    (99, 3, 2, BOX),  # written with an odd number of coordinates by write_fixture(corrupt=True)
+    (16, 3, 110, rows_of(3, slice(30, 36), slice(40, 55))),  # LVIS 110 = a stuff id: stays 110, not 1217
+    (15, 1, 9, [0, 0, 59, 39]),  # 2 points: no area
+    (14, 4, 5, rows_of(4, slice(0, 5), slice(0, 5))),
+]
+
+
+def expected_mask(image_id: int) -> np.ndarray:
+    """The mask DESIGN.md's rules make of a fixture image: stuff values from STUFF_VALUE, then the LVIS
+    instances on top, painted last to first so that the first in file order wins."""
+    mask = np.zeros(SIZES[image_id], np.int64)
+    for image, category, region, _ in STUFF:
+        if image == image_id:
+            mask[region] = STUFF_VALUE[category]
+    for _, image, category, region in reversed(LVIS):
+        if image == image_id:
+            mask[region if isinstance(region, np.ndarray) else polygon_region(region, image)] = category
+    return mask
+
+
+def expected_labels(image_id: int) -> torch.Tensor:
+    """What the coco_lvis loader returns for a fixture image: value v -> class v - 1, 0 -> ignore."""
+    values = expected_mask(image_id)
+    return torch.from_numpy(np.where(values == 0, IGNORE_INDEX, values - 1))
+
+
 def write_fixture(tmp_path: Path, corrupt: bool = True) -> tuple[Path, Path]:
-    images = [{"id": 1, "height": 40, "width": 60, "coco_url": "http://x/train2017/000000000001.jpg"},
-              {"id": 2, "height": 30, "width": 50}, {"id": 3, "height": 40, "width": 60},
-              {"id": 4, "height": 20, "width": 20}]  # 4 is in no stuff file
-    full = lambda h, w: np.ones((h, w), bool)  # noqa: E731
-    stuff = [  # (image, category, region, compressed)
-        (1, 165, box(40, 60, slice(0, 20), slice(None)), True),  # table (shared with LVIS 1050)
-        (1, 182, box(40, 60, slice(20, 40), slice(0, 30)), True),  # wood: last stuff id -> 1284
-        (1, 183, box(40, 60, slice(20, 40), slice(30, 60)), True),  # "other" -> unlabeled
-        (2, 98, box(30, 50, slice(0, 10), slice(None)), True),  # cabinet -> LVIS 181, not 1283
-        (2, 181, box(30, 50, slice(10, 20), slice(None)), False),  # window-other -> 1283
-        (2, 94, box(30, 50, slice(20, 30), slice(None)), True),  # branch: first non-shared -> 1204
-        (3, 92, full(40, 60), True),  # banner -> LVIS 50
-    ]
+    images = [{"id": i, "height": h, "width": w} for i, (h, w) in SIZES.items()]
+    images[0]["coco_url"] = "http://x/train2017/000000000001.jpg"
     stuff_json = {"images": [dict(im) for im in images[:3]],
                   "categories": [{"id": i, "name": n} for i, n in enumerate(STUFF_NAMES + ["other"], 92)],
                   "annotations": [{"id": 100 + n, "image_id": im, "category_id": c, "segmentation": rle(r, z)}
-                                  for n, (im, c, r, z) in enumerate(stuff)]}
-    lvis = [  # file order matters: the first instance wins where two overlap
-        {"id": 10, "image_id": 1, "category_id": 500, "segmentation": rle(box(40, 60, slice(5, 25), slice(10, 30)))},
-        {"id": 11, "image_id": 1, "category_id": 7, "segmentation": [[20, 15, 40, 15, 40, 35, 20, 35]]},
-        {"id": 12, "image_id": 2, "category_id": 1203, "segmentation": rle(box(30, 50, slice(2, 6), slice(2, 6)))},
-        {"id": 13, "image_id": 3, "category_id": 1, "segmentation": [[1, 1, 10, 1, 10, 10]]},
-        {"id": 99, "image_id": 3, "category_id": 2,
-         "segmentation": [[1, 1, 5, 1, 5]] if corrupt else [[1, 1, 5, 1, 5, 5, 1, 5]]},  # odd: not (x, y) pairs
-        {"id": 15, "image_id": 1, "category_id": 9, "segmentation": [[0, 0, 59, 39]]},  # 2 points: no area
-        {"id": 14, "image_id": 4, "category_id": 5, "segmentation": rle(box(20, 20, slice(0, 5), slice(0, 5)))},
-    ]
+                                  for n, (im, c, r, z) in enumerate(STUFF)]}
+    lvis = []
+    for ann_id, image, category, region in LVIS:
+        if isinstance(region, np.ndarray):
+            segmentation = rle(region)
+        else:  # corrupt: annotation 99 with an odd number of coordinates, not (x, y) pairs
+            segmentation = [region[:-3] if corrupt and ann_id == 99 else region]
+        lvis.append({"id": ann_id, "image_id": image, "category_id": category, "segmentation": segmentation})
     lvis_json = {"images": images, "annotations": lvis,
                  "categories": [{"id": k, "name": LVIS_NAMES.get(k, f"lvis_{k}")} for k in range(1, 1204)]}
     (tmp_path / "lvis.json").write_text(json.dumps(lvis_json))
     (tmp_path / "stuff.json").write_text(json.dumps(stuff_json))
     return tmp_path / "lvis.json", tmp_path / "stuff.json"
+
+
+def write_images(root: Path, image_ids) -> None:
+    """COCO 2017 JPEGs for the fixture images, odd ids in train2017/ and even ones in val2017/."""
+    for image_id in image_ids:
+        folder = root / ("train2017" if image_id % 2 else "val2017")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((*SIZES[image_id], 3), image_id, np.uint8)).save(folder / f"{image_id:012d}.jpg")
 
 
 def build(tmp_path, out, workers=1):
@@ -100,16 +163,18 @@ def test_build_rules_resume_and_corrupt_annotation(tmp_path):
     assert "1 images are in no --stuff-json file" in result.output
     assert sorted(p.name for p in out.glob("*.png")) == ["000000000001.png", "000000000002.png", "000000000004.png"]
 
+    for image_id in (1, 2, 4):
+        with Image.open(out / f"{image_id:012d}.png") as image:
+            assert image.mode == "I;16"  # 16-bit even where every value is < 256 (image 4)
+        assert np.array_equal(read_mask(out / f"{image_id:012d}.png"), expected_mask(image_id)), image_id
     one = read_mask(out / "000000000001.png")
-    with Image.open(out / "000000000001.png") as image:
-        assert image.mode == "I;16" and one.shape == (40, 60)
     assert one[0, 0] == 1050 and one[30, 5] == 1284 and one[30, 50] == 0  # table, wood, other
     assert one[20, 25] == 500  # inside both instances: the first annotation (10) wins
     assert one[30, 35] == 7 and one[10, 15] == 500  # each instance alone, painted over stuff
     assert not (one == 9).any()  # a 2-point polygon is empty, not a box (pycocotools would make one)
     two = read_mask(out / "000000000002.png")
     expected = np.zeros((30, 50), np.int64)
-    expected[0:10], expected[10:20], expected[20:30] = 181, 1283, 1204
+    expected[0:10], expected[10:20], expected[20:30] = 181, 1283, 1204  # cabinet not chained to 1283
     expected[2:6, 2:6] = 1203
     assert np.array_equal(two, expected)
     four = read_mask(out / "000000000004.png")
@@ -123,11 +188,15 @@ def test_build_rules_resume_and_corrupt_annotation(tmp_path):
     assert again.exit_code == 1 and "3 already present" in again.output
     assert read_mask(out / "000000000001.png").max() == 0  # skipped, not rebuilt
     write_fixture(tmp_path, corrupt=False)
+    (out / ".000000000003.png.partial").write_bytes(b"\x89PNG")  # left by an interrupted run: not done
     fixed = build(tmp_path, out)
     assert fixed.exit_code == 0, fixed.output
     assert "1 masks written, 3 already present" in fixed.output
     three = read_mask(out / "000000000003.png")
-    assert three[30, 30] == 50 and three[2, 6] == 1 and three[4, 2] == 2  # banner; triangle; box outside it
+    assert np.array_equal(three, expected_mask(3))
+    assert three[12, 30] == 50 and three[2, 6] == 1 and three[4, 2] == 2  # banner; triangle; box outside it
+    assert three[20, 30] == 110 and three[38, 30] == 1217  # blanket -> 110, not chained on to desk-stuff's 1217
+    assert three[33, 45] == 110  # LVIS 110 over desk-stuff: an LVIS value is never remapped as a stuff id
     assert not list(out.glob(".*partial"))
 
 
@@ -140,10 +209,7 @@ def test_loader_reads_built_masks_and_reports_missing_parts(tmp_path):
                                         r"`esskit build-dataset coco-lvis"):
         DATASETS["coco_lvis"](cfg, "train")
     assert build(tmp_path, root / "masks" / "train").exit_code == 0
-    for image_id, (h, w), folder in ((1, (40, 60), "train2017"), (2, (30, 50), "val2017"),
-                                     (3, (40, 60), "train2017")):
-        (root / folder).mkdir(exist_ok=True)
-        Image.fromarray(np.full((h, w, 3), image_id, np.uint8)).save(root / folder / f"{image_id:012d}.jpg")
+    write_images(root, [1, 2, 3])
     with pytest.raises(DataError, match=r"image 000000000004.jpg for mask .* is in neither"):
         DATASETS["coco_lvis"](cfg, "train")
     (root / "masks" / "train" / "000000000004.png").unlink()
@@ -153,7 +219,9 @@ def test_loader_reads_built_masks_and_reports_missing_parts(tmp_path):
     image, mask = ds[0]
     assert image.shape == (3, 40, 60) and mask.dtype == torch.int64
     assert mask[0, 0] == 1049 and mask[30, 5] == 1283 and mask[30, 50] == IGNORE_INDEX  # v -> v-1, 0 -> ignore
-    assert ds[1][1].shape == (30, 50)  # found in val2017
+    assert ds.images[1].endswith("val2017/000000000002.jpg")
+    for index, image_id in enumerate((1, 2, 3)):
+        assert torch.equal(ds[index][1], expected_labels(image_id)), image_id
     with pytest.raises(DataError, match="has 1284 classes but data.num_classes = 1283"):
         DATASETS["coco_lvis"](DataConfig(name="coco_lvis", root=str(root), num_classes=1283), "train")
 

@@ -1,8 +1,8 @@
 """Dataset loaders on tiny fixtures written in each dataset's official on-disk layout; expected
-train ids are written out by hand from the datasets' label definitions."""
+train ids are written out by hand from the datasets' label definitions and every loaded mask is
+compared with them pixel by pixel. The `make_*` writers are shared with test_dataset_smoke.py."""
 
 import json
-import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -22,24 +22,34 @@ H, W = 40, 60
 IGN = IGNORE_INDEX
 
 
+def noise(seed: int = 0, size=(H, W)) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)
+
+
 def rgb(path: Path, seed: int = 0, size=(H, W)) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    pixels = np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)
-    Image.fromarray(pixels).save(path)
+    Image.fromarray(noise(seed, size)).save(path)
 
 
 def bands(values, size=(H, W)) -> np.ndarray:
-    """Mask of horizontal bands, one per value, so expectations can be read row by row."""
-    rows = np.array_split(np.arange(size[0]), len(values))
-    mask = np.zeros(size, dtype=np.int64)
-    for value, r in zip(values, rows):
-        mask[r] = value
-    return mask
+    """Mask of horizontal bands, one per value, top to bottom, with the right half shifted down by one
+    band (the last value wraps to the top), so that a flipped or transposed mask does not pass for
+    the original. The same layout filled with the expected train ids is what the loader must return."""
+    n = len(values)
+    index = (np.arange(size[0])[:, None] * n // size[0] - (np.arange(size[1]) >= size[1] // 2)) % n
+    return np.asarray(values, dtype=np.int64)[index]
 
 
-def band_values(mask: torch.Tensor, n: int) -> list[int]:
-    rows = np.array_split(np.arange(mask.shape[0]), n)
-    return [int(mask[r[0], 0]) for r in rows]
+def assert_labels(mask: torch.Tensor, train_ids) -> None:
+    """`mask` equals `bands(train_ids)` pixel by pixel, ignore pixels included."""
+    expected = torch.from_numpy(bands(train_ids))
+    assert mask.dtype == torch.int64 and mask.shape == expected.shape, (mask.dtype, mask.shape)
+    assert torch.equal(mask, expected), f"{(mask != expected).sum()} pixels differ from {train_ids}"
+
+
+def labelled(train_ids) -> int:
+    """Pixels of one `bands(train_ids)` mask that are not ignore: what evaluation counts."""
+    return int((bands(train_ids) != IGN).sum())
 
 
 def grey(path: Path, values: np.ndarray) -> None:
@@ -111,8 +121,8 @@ def test_cityscapes_label_ids_to_train_ids(tmp_path):
     ds = DATASETS["cityscapes"](data_cfg(name="cityscapes", root=str(tmp_path)), "train")
     assert len(ds) == 2 and len(ds.class_names) == 19 and ds.class_names[13] == "car"
     image, mask = ds[1]
-    assert image.dtype == torch.uint8 and image.shape == (3, H, W)
-    assert mask.dtype == torch.int64 and band_values(mask, 7) == CITYSCAPES_TRAIN
+    assert image.dtype == torch.uint8 and torch.equal(image, torch.from_numpy(noise(1).transpose(2, 0, 1)))
+    assert_labels(mask, CITYSCAPES_TRAIN)
     assert len(DATASETS["cityscapes"](data_cfg(name="cityscapes", root=str(tmp_path)), "val")) == 1
 
 
@@ -138,10 +148,13 @@ def test_cityscapes_errors_name_the_path(tmp_path):
 
 # --------------------------------------------------------------------------------------------- VOC
 
+VOC_MASKS = {"2007_000032": [0, 1, 15, 255], "2007_000033": [20, 255], "2007_000039": [3]}  # 33 is val
+SBD_MASK = [0, 7, 12]  # GTcls.Segmentation of every SBD .mat (no void value)
+
+
 def make_voc(tmp_path: Path) -> Path:
     root = tmp_path / "VOCdevkit" / "VOC2012"
-    voc = {"2007_000032": [0, 1, 15, 255], "2007_000033": [20, 255], "2007_000039": [3]}
-    for i, (name, values) in enumerate(voc.items()):
+    for i, (name, values) in enumerate(VOC_MASKS.items()):
         rgb(root / "JPEGImages" / f"{name}.jpg", i)
         png = Image.fromarray(bands(values).astype(np.uint8), mode="L")
         png.putpalette(voc_palette())  # palette PNG, as in SegmentationClass
@@ -155,7 +168,7 @@ def make_voc(tmp_path: Path) -> Path:
     (sbd / "cls").mkdir(parents=True)
     for i, name in enumerate(["2008_000002", "2007_000033", "2007_000032"]):  # one in VOC val, one in VOC train
         rgb(root / "JPEGImages" / f"{name}.jpg", 10 + i)
-        seg = bands([0, 7, 12]).astype(np.uint8)
+        seg = bands(SBD_MASK).astype(np.uint8)
         savemat(sbd / "cls" / f"{name}.mat", {"GTcls": {"Segmentation": seg, "Boundaries": np.zeros(3),
                                                         "CategoriesPresent": np.array([7, 12])}})
     (sbd / "train.txt").write_text("2008_000002\n2007_000033\n")
@@ -167,8 +180,9 @@ def test_voc_palette_index_and_void(tmp_path):
     root = make_voc(tmp_path)
     ds = DATASETS["voc"](data_cfg(name="voc", root=str(root), num_classes=21), "train")
     assert len(ds) == 2 and ds.class_names[15] == "person"
-    assert band_values(ds[0][1], 4) == [0, 1, 15, IGN]
-    assert band_values(DATASETS["voc"](data_cfg(name="voc", root=str(root), num_classes=21), "val")[0][1], 2) == [20, IGN]
+    assert_labels(ds[0][1], [0, 1, 15, IGN])
+    assert_labels(ds[1][1], [3])
+    assert_labels(DATASETS["voc"](data_cfg(name="voc", root=str(root), num_classes=21), "val")[0][1], [20, IGN])
 
 
 def test_voc_aug_reads_sbd_mat_and_excludes_val(tmp_path):
@@ -178,7 +192,8 @@ def test_voc_aug_reads_sbd_mat_and_excludes_val(tmp_path):
     assert names == ["2007_000032", "2007_000039", "2008_000002"]  # 2007_000033 is VOC val
     assert ds.masks[0].endswith("SegmentationClass/2007_000032.png")  # VOC's own mask preferred
     assert ds.masks[2].endswith("cls/2008_000002.mat")
-    assert band_values(ds[2][1], 3) == [0, 7, 12]
+    assert_labels(ds[0][1], [0, 1, 15, IGN])  # the PNG's void, not the .mat's background
+    assert_labels(ds[2][1], [0, 7, 12])
     with pytest.raises(DataError, match=r"elsewhere/train.txt not found; expected .*data.sbd_root"):
         DATASETS["voc"](data_cfg(name="voc", root=str(root), num_classes=21, sbd_root=str(tmp_path / "elsewhere")), "aug")
     with pytest.raises(DataError, match=r"ImageSets/Segmentation/trainval.txt not found"):
@@ -187,11 +202,14 @@ def test_voc_aug_reads_sbd_mat_and_excludes_val(tmp_path):
 
 # ------------------------------------------------------------------------------------------ ADE20k
 
+ADE20K_VALUES, ADE20K_TRAIN = [0, 1, 150, 13], [IGN, 0, 149, 12]  # other, wall, flag, person
+
+
 def make_ade20k(root: Path) -> None:
     for folder, prefix, n in (("training", "ADE_train", 3), ("validation", "ADE_val", 2)):
         for i in range(1, n + 1):
             rgb(root / "images" / folder / f"{prefix}_{i:08d}.jpg", i)
-            grey(root / "annotations" / folder / f"{prefix}_{i:08d}.png", bands([0, 1, 150, 13]))
+            grey(root / "annotations" / folder / f"{prefix}_{i:08d}.png", bands(ADE20K_VALUES))
 
 
 def test_ade20k_zero_is_ignore_and_shift(tmp_path):
@@ -199,13 +217,18 @@ def test_ade20k_zero_is_ignore_and_shift(tmp_path):
     cfg = data_cfg(name="ade20k", root=str(tmp_path), num_classes=150)
     ds = DATASETS["ade20k"](cfg, "train")
     assert len(ds) == 3 and len(ds.class_names) == 150 and ds.class_names[12] == "person"
-    assert band_values(ds[0][1], 4) == [IGN, 0, 149, 12]
-    assert len(DATASETS["ade20k"](cfg, "validation")) == 2
+    assert_labels(ds[0][1], ADE20K_TRAIN)
+    val = DATASETS["ade20k"](cfg, "validation")
+    assert len(val) == 2
+    assert_labels(val[1][1], ADE20K_TRAIN)
     with pytest.raises(DataError, match="split 'test' is not one of"):
         DATASETS["ade20k"](cfg, "test")
 
 
 # ----------------------------------------------------------------------------------- COCO-Stuff10k
+
+COCOSTUFF_VALUES, COCOSTUFF_TRAIN = [0, 1, 182, 165], [IGN, 0, 181, 164]  # unlabeled, person, wood, table
+
 
 def make_cocostuff10k(root: Path) -> None:
     names = [f"COCO_train2014_{i:012d}" for i in (77, 109, 260)]
@@ -213,7 +236,7 @@ def make_cocostuff10k(root: Path) -> None:
         rgb(root / "images" / f"{name}.jpg", i)
         (root / "annotations").mkdir(exist_ok=True)
         savemat(root / "annotations" / f"{name}.mat",
-                {"S": bands([0, 1, 182, 165]).astype(np.uint8), "names": np.array(["unlabeled"], dtype=object)})
+                {"S": bands(COCOSTUFF_VALUES).astype(np.uint8), "names": np.array(["unlabeled"], dtype=object)})
     (root / "imageLists").mkdir()
     (root / "imageLists" / "train.txt").write_text("\n".join(names[:2]) + "\n")
     (root / "imageLists" / "test.txt").write_text(names[2] + "\n")
@@ -224,8 +247,10 @@ def test_cocostuff10k_mat_labels(tmp_path):
     cfg = data_cfg(name="cocostuff10k", root=str(tmp_path), num_classes=182)
     ds = DATASETS["cocostuff10k"](cfg, "train")
     assert len(ds) == 2 and ds.class_names[0] == "person" and ds.class_names[164] == "table"
-    assert band_values(ds[1][1], 4) == [IGN, 0, 181, 164]  # 0 unlabeled, person, wood, table
-    assert len(DATASETS["cocostuff10k"](cfg, "val")) == 1  # val reads the 1k test list
+    assert_labels(ds[1][1], COCOSTUFF_TRAIN)
+    val = DATASETS["cocostuff10k"](cfg, "val")  # val reads the 1k test list
+    assert len(val) == 1 and val.masks[0].endswith("COCO_train2014_000000000260.mat")
+    assert_labels(val[0][1], COCOSTUFF_TRAIN)
     (tmp_path / "images" / "COCO_train2014_000000000260.jpg").unlink()
     with pytest.raises(DataError, match=r"images/COCO_train2014_000000000260.jpg not found; expected images/"):
         DATASETS["cocostuff10k"](cfg, "test")
@@ -233,31 +258,47 @@ def test_cocostuff10k_mat_labels(tmp_path):
 
 # ------------------------------------------------------------------------------- Hugging Face (hf)
 
-def hf_rows(n=3, values=(0, 1, 300)):
+HF_VALUES, HF_TRAIN = (0, 1, 300), [IGN, 0, 299]  # stored 0 = void, v -> v - 1 (ADE20k-style)
+# The data.* keys that read make_hf_disk's dataset (the smoke test passes them as --set).
+HF_KEYS = dict(name="hf", num_classes=400, image_column="pixels", mask_column="seg", mask_void_value=0,
+               mask_label_offset=1)
+
+
+def hf_rows(n=3, values=HF_VALUES):
     images = [Image.fromarray(np.full((H, W, 3), 40 * i, np.uint8)) for i in range(n)]
     masks = [Image.fromarray(bands(values).astype(np.uint16)) for _ in range(n)]  # 16-bit PNG masks
     return images, masks
+
+
+def make_hf_disk(path: Path):
+    """A save_to_disk DatasetDict: train (3 rows, plus a column the loader must not decode) and
+    validation (its first row); returns the train `datasets.Dataset`."""
+    import datasets
+
+    images, masks = hf_rows()
+    table = datasets.Dataset.from_dict({"pixels": images, "seg": masks, "note": ["a", "b", "c"]},
+                                       features=datasets.Features({"pixels": datasets.Image(),
+                                                                   "seg": datasets.Image(),
+                                                                   "note": datasets.Value("string")}))
+    datasets.DatasetDict({"train": table, "validation": table.select([0])}).save_to_disk(path)
+    return table
 
 
 def test_hf_load_from_disk_parquet_and_imagefolder(tmp_path, monkeypatch):
     datasets = pytest.importorskip("datasets")
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
     images, masks = hf_rows()
-    table = datasets.Dataset.from_dict({"pixels": images, "seg": masks, "note": ["a", "b", "c"]},
-                                       features=datasets.Features({"pixels": datasets.Image(),
-                                                                   "seg": datasets.Image(),
-                                                                   "note": datasets.Value("string")}))
-    datasets.DatasetDict({"train": table, "validation": table.select([0])}).save_to_disk(tmp_path / "disk")
+    table = make_hf_disk(tmp_path / "disk")
     table.to_parquet(str(tmp_path / "train.parquet"))
-    common = dict(name="hf", num_classes=400, image_column="pixels", mask_column="seg", mask_void_value=0,
-                  mask_label_offset=1)
+    common = HF_KEYS
     ds = build_dataset(data_cfg(root=str(tmp_path / "disk"), val_split="validation", **common), "validation", train=False)
     assert len(ds) == 1
+    assert_labels(ds[0][1], HF_TRAIN)  # the evaluation transforms leave the mask as it is
     for root in (tmp_path / "disk", tmp_path / "{split}.parquet"):
         raw = DATASETS["hf"](data_cfg(root=str(root), **common), "train")
         image, mask = raw[2]
-        assert len(raw) == 3 and image.shape == (3, H, W) and int(image[0, 0, 0]) == 80
-        assert band_values(mask, 3) == [IGN, 0, 299]  # 16-bit value 300 survives, then v - 1
+        assert len(raw) == 3 and image.shape == (3, H, W) and bool((image == 80).all())
+        assert_labels(mask, HF_TRAIN)  # 16-bit value 300 survives, then v - 1
         assert raw.class_names[7] == "class_7"
     folder = tmp_path / "folder" / "train"
     folder.mkdir(parents=True)
@@ -271,7 +312,8 @@ def test_hf_load_from_disk_parquet_and_imagefolder(tmp_path, monkeypatch):
     names.write_text("".join(f"thing {c}\n" for c in range(400)))
     raw = DATASETS["hf"](data_cfg(root=str(tmp_path / "folder"), **{**common, "image_column": "image",
                                   "mask_column": "mask"}, class_names_file=str(names)), "train")
-    assert len(raw) == 3 and band_values(raw[0][1], 3) == [IGN, 0, 299] and raw.class_names[399] == "thing 399"
+    assert len(raw) == 3 and raw.class_names[399] == "thing 399"
+    assert_labels(raw[0][1], HF_TRAIN)
 
 
 def test_hf_errors_and_hub_routing(tmp_path, monkeypatch):
@@ -287,7 +329,7 @@ def test_hf_errors_and_hub_routing(tmp_path, monkeypatch):
                         datasets.Dataset.from_dict({"image": images, "label": masks}))
     raw = DATASETS["hf"](data_cfg(name="hf", root="owner/segments", hf_config="full", num_classes=400), "train")
     assert calls == [(("owner/segments", "full"), {"split": "train"})] and len(raw) == 1
-    assert band_values(raw[0][1], 3) == [0, 1, 300]  # defaults: void 255, no offset
+    assert_labels(raw[0][1], [0, 1, 300])  # defaults: void 255, no offset
     monkeypatch.setitem(__import__("sys").modules, "datasets", None)  # as if not installed
     with pytest.raises(DataError, match=r"needs the optional package `datasets`: pip install 'esskit\[hf\]'"):
         DATASETS["hf"](data_cfg(name="hf", root="owner/segments"), "train")
@@ -324,17 +366,3 @@ def test_datasets_command_lists_every_loader():
         assert name in result.output
     assert "gtFine" in result.output and "esskit build-dataset coco-lvis" in result.output
 
-
-def test_train_end_to_end_on_ade20k_layout(tmp_path):
-    make_ade20k(tmp_path / "ADEChallengeData2016")
-    run = tmp_path / "run"
-    result = CliRunner().invoke(app, [
-        "train", "recipes/ade20k.toml", "--out", str(run), "--set", f"data.root={tmp_path / 'ADEChallengeData2016'}",
-        "--set", "model.backbone=resnet18", "--set", "model.pretrained=false", "--set", "data.crop=[64, 64]",
-        "--set", "data.base_size=[64, 96]", "--set", "train.steps=2", "--set", "train.batch_size=2",
-        "--set", "data.num_workers=0", "--set", "train.cpu=true", "--set", "train.log_every=1",
-        "--set", "train.save_every=0"])
-    assert result.exit_code == 0, result.output
-    evaluation = json.loads((run / "eval.json").read_text())
-    assert len(evaluation["IoU"]) == 150
-    assert tomllib.loads((run / "config.toml").read_text())["data"]["name"] == "ade20k"
