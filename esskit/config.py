@@ -45,7 +45,7 @@ class ModelConfig:
 
 @dataclass(kw_only=True)
 class MethodConfig:
-    name: str = "ess"  # "ess" (Eq. 6 + Eq. 7) or "baseline" (C-way softmax cross-entropy)
+    name: str = "ess"  # "ess" (Eq. 6 + Eq. 7), "ess_full" (exact softmax over all C + Eq. 7) or "baseline"
     variant: str = "paper"  # "paper" or "essnet" (the official code's normalise-then-upsample, -20*dist)
     k: int = 8  # nearest negative classes per pixel (Table 1)
     tau: float = 0.05  # temperature of the logits -|x-mu|^2/tau
@@ -54,15 +54,25 @@ class MethodConfig:
     negatives: str = "nearest"  # "nearest" (kNN) or "random" (Table 2 ablation)
     normalize: bool = True  # L2-normalise pixel and class embeddings (Table 3 ablation)
     knn: str = "torch"  # exact kNN backend: "torch" (chunked) or "faiss" (optional extra)
-    knn_chunk_mib: int = 256  # memory budget of one kNN distance block
+    knn_chunk_mib: int = 64  # memory budget of one kNN distance block [rows, C] (fp32)
+    knn_at: str = "label"  # "label" (paper) or "feature": one search per stride-4 decoder pixel, shared
+    knn_block: int = 1  # 1 (paper), 2 or 4: one search per b x b label-pixel block (its mean direction)
+    loss_chunk_mib: int = 64  # pixel chunk of the ESS losses: [rows, k+1, d] (ess) or [rows, C] (ess_full)
 
     def __post_init__(self):
-        _check_choice("method", "name", self.name, ("ess", "baseline"))
+        _check_choice("method", "name", self.name, ("ess", "ess_full", "baseline"))
         _check_choice("method", "variant", self.variant, ("paper", "essnet"))
         _check_choice("method", "negatives", self.negatives, ("nearest", "random"))
         _check_choice("method", "knn", self.knn, ("torch", "faiss"))
-        _check_positive("method", self, ["k", "tau", "knn_chunk_mib"])
+        _check_choice("method", "knn_at", self.knn_at, ("label", "feature"))
+        _check_choice("method", "knn_block", self.knn_block, (1, 2, 4))
+        _check_positive("method", self, ["k", "tau", "knn_chunk_mib", "loss_chunk_mib"])
         _check_positive("method", self, ["margin", "margin_weight"], allow_zero=True)
+        if self.knn_at == "feature" and self.knn_block > 1:
+            raise ConfigError("method.knn_at = 'feature' and method.knn_block > 1 are alternatives; set one")
+        if self.variant == "essnet" and (self.knn_at != "label" or self.knn_block > 1):
+            raise ConfigError("method.knn_at / method.knn_block apply to variant 'paper'; variant 'essnet' "
+                              "searches per label pixel like the official code")
 
 
 @dataclass(kw_only=True)
@@ -124,10 +134,12 @@ class OptimConfig:
     backbone_bn_momentum: float = 0.01  # BatchNorm running-stat momentum in the backbone
     embed_momentum: float = 0.95  # SGD momentum of the ESS class embeddings (paper §4)
     embed_power: float = 0.95  # poly power of the ESS class embeddings (paper §4)
+    clip_grad_norm: float = 0.0  # clip the global gradient norm to this value; 0 = off
 
     def __post_init__(self):
         _check_positive("optim", self, ["lr", "power", "embed_power"])
-        _check_positive("optim", self, ["momentum", "weight_decay", "backbone_lr_mult", "embed_momentum"],
+        _check_positive("optim", self, ["momentum", "weight_decay", "backbone_lr_mult", "embed_momentum",
+                                        "clip_grad_norm"],
                         allow_zero=True)
 
 
@@ -181,7 +193,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self):
-        if self.method.name == "ess" and self.method.k >= self.data.num_classes:
+        if self.method.name == "ess" and self.method.k >= self.data.num_classes:  # ess_full has no k
             raise ConfigError(f"method.k = {self.method.k} must be < data.num_classes = {self.data.num_classes}")
 
 

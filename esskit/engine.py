@@ -94,6 +94,8 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict | None:
                 with sync:
                     loss, parts = segmentation_loss(model(images), target, cfg.method)
                     accelerator.backward(loss / accum)
+            if cfg.optim.clip_grad_norm:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)

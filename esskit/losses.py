@@ -1,6 +1,12 @@
-"""Losses: baseline cross-entropy, ESS kNN softmax (Eq. 6) and max-margin regulariser (Eq. 7).
+"""Losses: baseline cross-entropy, ESS kNN softmax (Eq. 6), its exact full-softmax form
+(`ess_full`) and the max-margin regulariser (Eq. 7).
 
-All losses run in fp32, also under autocast.
+All losses run in fp32, also under autocast. Eq. 6 (`ess_loss`) and the full softmax
+(`ess_full_loss`) are memory-lean: nothing of size [pixels, k+1, d] or [pixels, C] exists at once
+(the official-code variant `essnet_loss` keeps its literal form). Both use
+-|x - mu|^2/tau = (2 x.mu - |mu|^2)/tau - |x|^2/tau, whose last term is the same for every class
+of a pixel and cancels in the softmax; so the logits are dot products, computed in pixel chunks
+in forward and recomputed chunk by chunk in backward (`esskit.lean_loss`).
 """
 
 from __future__ import annotations
@@ -8,29 +14,33 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from esskit.lean_loss import CandidateCrossEntropy, full_cross_entropy, unit
 from esskit.config import MethodConfig
 from esskit.data import IGNORE_INDEX
-from esskit.knn import knn_backend, knn_exact
+from esskit.knn import (GridNeighbours, block_neighbours, chunk_ranges, feature_neighbours, knn_backend,
+                        knn_exact)
 
 ESSNET_SCALE = 20.0  # the official code's logits: -20 * |x - mu| (not squared)
+LOSS_CHUNK_BYTES = 64 * 2**20  # default of method.loss_chunk_mib
 
 
-def _zero_with_graph(*tensors: torch.Tensor) -> torch.Tensor:
-    """A zero loss still connected to the inputs, so backward and DDP see every parameter."""
-    return sum(t.sum() * 0.0 for t in tensors)
+def drop_target(found: torch.Tensor, target: torch.Tensor, k: int) -> torch.Tensor:
+    """k of the k+1 classes `found` per pixel, nearest first, without the pixel's target (or
+    without the farthest when the target is not among them): negatives stay strict."""
+    is_target = found == target[:, None]
+    # Sort key pushes the target to the end; positions keep the kNN order otherwise.
+    key = torch.arange(k + 1, device=found.device).expand_as(found).masked_fill(is_target, k + 1)
+    return found.gather(1, key.argsort(dim=1)[:, :k])
 
 
 def nearest_negatives(x: torch.Tensor, mu: torch.Tensor, target: torch.Tensor, k: int,
                       knn=knn_exact) -> torch.Tensor:
     """The k nearest classes of each pixel other than its target [N, k], nearest first.
 
-    Searches k+1 and drops the target where it appears (else the farthest): negatives stay strict.
+    Searches k+1 and drops the target where it appears (else the farthest).
     """
     _, idx = knn(x.detach(), mu.detach(), k + 1)
-    is_target = idx == target[:, None]
-    # Sort key pushes the target to the end; positions keep the kNN order otherwise.
-    key = torch.arange(k + 1, device=idx.device).expand_as(idx).masked_fill(is_target, k + 1)
-    return idx.gather(1, key.argsort(dim=1)[:, :k])
+    return drop_target(idx, target, k)
 
 
 def random_negatives(target: torch.Tensor, num_classes: int, k: int) -> torch.Tensor:
@@ -39,27 +49,71 @@ def random_negatives(target: torch.Tensor, num_classes: int, k: int) -> torch.Te
     return r + (r >= target[:, None]).long()
 
 
+@torch.no_grad()
+def ess_candidates(x: torch.Tensor, mu: torch.Tensor, target: torch.Tensor, k: int, *, rows: int,
+                   negatives: str = "nearest", normalize: bool = True, knn=knn_exact,
+                   neighbours: GridNeighbours | None = None) -> torch.Tensor:
+    """[N, k+1] int32 class ids per pixel: the target (ignore pixels: class 0), then its k
+    negatives (Eq. 6), built `rows` pixels at a time so the kNN outputs stay chunk-sized.
+
+    `neighbours` replaces the per-pixel search by one shared per feature pixel or pixel block.
+    """
+    n = x.shape[0]
+    t = target.clamp_min(0)
+    cand = torch.empty(n, k + 1, dtype=torch.int32, device=x.device)
+    cand[:, 0] = t
+    for start, stop in chunk_ranges(n, rows, x):
+        if negatives == "random":
+            neg = random_negatives(t[start:stop], mu.shape[0], k)
+        else:
+            found = (neighbours.lookup(start, stop) if neighbours is not None
+                     else knn(unit(x[start:stop], normalize), mu, k + 1)[1])
+            neg = drop_target(found, t[start:stop], k)
+        cand[start:stop, 1:] = neg
+    return cand
+
+
+def _kept_mean(total: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """A sum over pixels / the number of pixels not ignored (no data-dependent shapes; a batch of
+    only ignore pixels gives 0, still connected to the inputs)."""
+    return total / (target != IGNORE_INDEX).sum().clamp_min(1)
+
+
 def ess_loss(pixel_emb: torch.Tensor, class_emb: torch.Tensor, target: torch.Tensor, k: int,
-             tau: float = 0.05, *, negatives: str = "nearest", normalize: bool = True,
-             knn=knn_exact) -> torch.Tensor:
+             tau: float = 0.05, *, negatives: str = "nearest", normalize: bool = True, knn=knn_exact,
+             neighbours: GridNeighbours | None = None, chunk_bytes: int = LOSS_CHUNK_BYTES) -> torch.Tensor:
     """Eq. 6: softmax over the target and its k nearest negative classes, logits -|x - mu|^2 / tau.
 
-    pixel_emb [N, d], class_emb [C, d], target [N] (IGNORE_INDEX pixels dropped). With
-    k = C - 1 this is exactly the full softmax cross-entropy of Eq. 5.
+    pixel_emb [N, d], class_emb [C, d], target [N] (IGNORE_INDEX pixels weigh 0). With k = C - 1
+    this is exactly the full softmax cross-entropy of Eq. 5. Memory: the int32 candidates
+    [N, k+1] plus chunks of `chunk_bytes`; pixel embeddings are normalised chunk by chunk.
     """
-    keep = target != IGNORE_INDEX
-    x, t, mu = pixel_emb[keep].float(), target[keep], class_emb.float()
-    if x.shape[0] == 0:
-        return _zero_with_graph(pixel_emb, class_emb)
+    x, mu = pixel_emb.float(), class_emb.float()
     if normalize:
-        x, mu = F.normalize(x, dim=1), F.normalize(mu, dim=1)
-    if negatives == "random":
-        neg = random_negatives(t, mu.shape[0], k)
-    else:
-        neg = nearest_negatives(x, mu, t, k, knn)
-    candidates = torch.cat([t[:, None], neg], dim=1)  # target first: label 0 below
-    logits = -(x[:, None, :] - mu[candidates]).pow(2).sum(-1) / tau
-    return F.cross_entropy(logits, torch.zeros_like(t))
+        mu = F.normalize(mu, dim=1)
+    rows = max(1, chunk_bytes // (4 * (k + 1) * x.shape[1]))
+    cand = ess_candidates(x.detach(), mu.detach(), target, k, rows=rows, negatives=negatives,
+                          normalize=normalize, knn=knn, neighbours=neighbours)
+    total = CandidateCrossEntropy.apply(x, mu, cand, target, tau, normalize, rows)
+    return _kept_mean(total, target)
+
+
+def ess_full_loss(pixel_emb: torch.Tensor, class_emb: torch.Tensor, target: torch.Tensor, tau: float = 0.05,
+                  *, normalize: bool = True, chunk_bytes: int = LOSS_CHUNK_BYTES,
+                  builtin: bool | None = None) -> torch.Tensor:
+    """Eq. 5 on ESS embeddings: exact softmax over all C classes, logits -|x - mu|^2 / tau.
+
+    A linear cross-entropy with weight (2/tau) mu and bias -|mu|^2/tau (module doc), in pixel
+    chunks of at most `chunk_bytes` of logits: no [N, C] tensor. `builtin` picks
+    torch.nn.functional.linear_cross_entropy (recent torch; looked up by name) or esskit's own
+    (None: the builtin when present, except on fake tensors, see `lean_loss.full_cross_entropy`).
+    """
+    x, mu = pixel_emb.float(), class_emb.float()
+    if normalize:
+        mu = F.normalize(mu, dim=1)
+    rows = max(1, chunk_bytes // (4 * mu.shape[0]))
+    total = full_cross_entropy(x, mu, target, tau, normalize, rows, builtin)
+    return _kept_mean(total, target)
 
 
 def essnet_loss(pixel_emb: torch.Tensor, class_emb: torch.Tensor, target: torch.Tensor, k: int,
@@ -67,15 +121,13 @@ def essnet_loss(pixel_emb: torch.Tensor, class_emb: torch.Tensor, target: torch.
     """The official code's form of Algorithm 1: the target concatenated with a plain kNN result
     (which may contain the target again), logits -20 * |x - mu| on normalised class embeddings.
     The pixel embeddings arrive normalised at stride 4 and upsampled (not renormalised)."""
-    keep = target != IGNORE_INDEX
-    x, t = pixel_emb[keep].float(), target[keep]
+    x, t = pixel_emb.float(), target.clamp_min(0)
     mu = F.normalize(class_emb.float(), dim=1)
-    if x.shape[0] == 0:
-        return _zero_with_graph(pixel_emb, class_emb)
     _, neg = knn(x.detach(), mu.detach(), k)
     candidates = torch.cat([t[:, None], neg], dim=1)
     dist = (x[:, None, :] - mu[candidates]).pow(2).sum(-1).clamp_min(1e-12).sqrt()
-    return F.cross_entropy(-ESSNET_SCALE * dist, torch.zeros_like(t))
+    per_pixel = F.cross_entropy(-ESSNET_SCALE * dist, torch.zeros_like(t), reduction="none")
+    return _kept_mean((per_pixel * (target != IGNORE_INDEX)).sum(), target)
 
 
 def max_margin_loss(class_emb: torch.Tensor, margin: float = 0.2, knn=knn_exact) -> torch.Tensor:
@@ -100,6 +152,22 @@ def pixels_last(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
 
 
+def ess_paper_loss(emb: torch.Tensor, class_emb: torch.Tensor, target: torch.Tensor, cfg: MethodConfig,
+               knn) -> torch.Tensor:
+    """Eq. 6 at label resolution, with the kNN per label pixel or shared (method.knn_at / knn_block)."""
+    up = upsample(emb, target.shape[-2:])
+    neighbours = None
+    if cfg.negatives == "nearest" and (cfg.knn_at == "feature" or cfg.knn_block > 1):
+        mu = unit(class_emb.detach().float(), cfg.normalize)
+        if cfg.knn_at == "feature":
+            neighbours = feature_neighbours(emb, target.shape[-2:], mu, cfg.k + 1, knn, cfg.normalize)
+        else:
+            neighbours = block_neighbours(up, cfg.knn_block, mu, cfg.k + 1, knn, cfg.normalize)
+    return ess_loss(pixels_last(up), class_emb, target.reshape(-1), cfg.k, cfg.tau, negatives=cfg.negatives,
+                    normalize=cfg.normalize, knn=knn, neighbours=neighbours,
+                    chunk_bytes=cfg.loss_chunk_mib * 2**20)
+
+
 def segmentation_loss(output: dict, target: torch.Tensor, cfg: MethodConfig) -> tuple[torch.Tensor, dict]:
     """The method's training loss on a model output dict and [B, H, W] targets -> (loss, parts)."""
     size = target.shape[-2:]
@@ -109,13 +177,17 @@ def segmentation_loss(output: dict, target: torch.Tensor, cfg: MethodConfig) -> 
         return loss, {"loss_ce": loss.detach()}
     knn = knn_backend(cfg.knn, cfg.knn_chunk_mib * 2**20)
     emb, class_emb = output["embeddings"].float(), output["class_embeddings"]
-    if cfg.variant == "essnet":
+    if cfg.name == "ess_full":
+        cls = ess_full_loss(pixels_last(upsample(emb, size)), class_emb, target.reshape(-1), cfg.tau,
+                            normalize=cfg.normalize, chunk_bytes=cfg.loss_chunk_mib * 2**20)
+        parts = {"loss_full": cls.detach()}
+    elif cfg.variant == "essnet":
         emb = upsample(F.normalize(emb, dim=1), size)
         cls = essnet_loss(pixels_last(emb), class_emb, target.reshape(-1), cfg.k, knn=knn)
+        parts = {"loss_ess": cls.detach()}
     else:
-        cls = ess_loss(pixels_last(upsample(emb, size)), class_emb, target.reshape(-1), cfg.k, cfg.tau,
-                       negatives=cfg.negatives, normalize=cfg.normalize, knn=knn)
-    parts = {"loss_ess": cls.detach()}
+        cls = ess_paper_loss(emb, class_emb, target, cfg, knn)
+        parts = {"loss_ess": cls.detach()}
     loss = cls
     if cfg.margin_weight > 0:
         margin = max_margin_loss(class_emb, cfg.margin, knn)

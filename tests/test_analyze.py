@@ -16,19 +16,9 @@ from typer.testing import CliRunner
 from esskit.cli import app
 from esskit.data import IGNORE_INDEX
 from esskit.data.synthetic import SyntheticSegmentation
-from test_predict import RECIPE, TINY, trained_run
+from test_predict import RECIPE, TINY, baseline_run, ess_run  # noqa: F401  (session fixtures)
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="session")
-def ess_run(tmp_path_factory):
-    return trained_run(tmp_path_factory, "ess")
-
-
-@pytest.fixture(scope="session")
-def baseline_run(tmp_path_factory):
-    return trained_run(tmp_path_factory, "baseline", "method.name=baseline")
 
 
 def rows(path: Path) -> list[dict]:

@@ -79,16 +79,7 @@ CASES = {  # test id: (data.name, writer, extra --set for training, extra `esski
 }
 
 
-@pytest.fixture(autouse=True)
-def serial_kernels():
-    """Tiny convolutions gain nothing from intra-op threads, and on a busy machine their spin waits
-    made these runs 7x slower (114 s instead of 16 s on 2 shared cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def esskit(command: str, recipe: Path, run: Path, overrides: list[str]) -> dict:

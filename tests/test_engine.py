@@ -35,13 +35,7 @@ def weights(run_dir: Path, step: int) -> dict:
     return load_file(run_dir / f"checkpoint-{step:08d}" / "model.safetensors")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Bitwise-reproducible CPU kernels for the resume comparison.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("method", ["ess", "baseline"])

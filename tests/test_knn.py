@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from esskit.errors import ConfigError
-from esskit.knn import knn_backend, knn_exact, knn_faiss
+from esskit.knn import block_neighbours, covering_cells, feature_neighbours, knn_backend, knn_exact, knn_faiss
 
 
 def _data(n=300, c=37, d=8, seed=0):
@@ -123,3 +123,62 @@ def test_knn_exact_is_exact_under_autocast():
         dist, idx = knn_exact(q.float(), keys.float(), 8)
     assert dist.dtype == torch.float32
     _assert_matches_reference(dist, idx, q, keys, 8)
+
+
+# Shared neighbour lists (method.knn_at = "feature", method.knn_block = 2 | 4)
+
+def _bruteforce_lists(queries, keys, k):
+    """[M, d] queries (normalised here) -> their k nearest keys by a full float64 sort."""
+    q = queries / queries.norm(dim=1, keepdim=True)
+    return (torch.cdist(q.double(), keys.double()) ** 2).argsort(dim=1)[:, :k]
+
+
+def _all_lookups(neighbours, n, rows=7):
+    """Every label pixel's list, looked up in uneven chunks (7 rows) to cross chunk boundaries."""
+    return torch.cat([neighbours.lookup(s, min(s + rows, n)) for s in range(0, n, rows)])
+
+
+@pytest.mark.parametrize("label, grid", [(512, 128), (450, 113), (7, 3), (5, 5)])
+def test_covering_cells_is_nearest_exact_interpolation(label, grid):
+    index_map = torch.arange(grid, dtype=torch.float64).view(1, 1, grid, 1)
+    expected = torch.nn.functional.interpolate(index_map, size=(label, 1), mode="nearest-exact").view(-1).long()
+    assert torch.equal(covering_cells(label, grid), expected)
+
+
+def test_feature_neighbours_share_the_covering_feature_pixels_list():
+    g = torch.Generator().manual_seed(4)
+    features = torch.randn(2, 6, 5, 6, generator=g, dtype=torch.float64)
+    keys = torch.nn.functional.normalize(torch.randn(30, 6, generator=g, dtype=torch.float64), dim=1)
+    shared = feature_neighbours(features, (18, 23), keys, 5)
+    # reference: each label pixel's covering feature pixel, found by nearest-exact upsampling
+    owner = torch.arange(2 * 5 * 6, dtype=torch.float64).view(2, 1, 5, 6)
+    owner = torch.nn.functional.interpolate(owner, size=(18, 23), mode="nearest-exact").reshape(-1).long()
+    lists = _bruteforce_lists(features.permute(0, 2, 3, 1).reshape(-1, 6), keys, 5)
+    assert torch.equal(_all_lookups(shared, 2 * 18 * 23), lists[owner])
+
+
+@pytest.mark.parametrize("block", [2, 4])
+def test_block_neighbours_search_the_mean_direction_of_each_block(block):
+    g = torch.Generator().manual_seed(block)
+    emb = torch.randn(2, 5, 9, 10, generator=g, dtype=torch.float64)  # 9 x 10: partial border blocks
+    keys = torch.nn.functional.normalize(torch.randn(25, 5, generator=g, dtype=torch.float64), dim=1)
+    shared = block_neighbours(emb, block, keys, 4)
+    unit = emb / emb.norm(dim=1, keepdim=True)
+    expected = []
+    for b in range(2):
+        for y in range(9):
+            for x in range(10):
+                y0, x0 = y // block * block, x // block * block
+                centre = unit[b, :, y0:y0 + block, x0:x0 + block].mean(dim=(1, 2))
+                expected.append(_bruteforce_lists(centre[None], keys, 4)[0])
+    assert torch.equal(_all_lookups(shared, 2 * 9 * 10), torch.stack(expected))
+
+
+def test_blockwise_constant_embeddings_give_the_per_pixel_lists():
+    g = torch.Generator().manual_seed(0)
+    coarse = torch.randn(1, 4, 3, 4, generator=g, dtype=torch.float64)
+    emb = coarse.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)  # [1, 4, 6, 8]
+    keys = torch.randn(20, 4, generator=g, dtype=torch.float64)
+    shared = block_neighbours(emb, 2, keys, 6)
+    per_pixel = knn_exact(torch.nn.functional.normalize(emb.permute(0, 2, 3, 1).reshape(-1, 4), dim=1), keys, 6)[1]
+    assert torch.equal(_all_lookups(shared, 48), per_pixel)

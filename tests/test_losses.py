@@ -6,8 +6,9 @@ import torch.nn.functional as F
 
 from esskit.config import MethodConfig
 from esskit.data import IGNORE_INDEX
-from esskit.losses import (essnet_loss, ess_loss, max_margin_loss, nearest_negatives, random_negatives,
-                           segmentation_loss)
+from esskit.knn import block_neighbours, feature_neighbours
+from esskit.losses import (ess_candidates, essnet_loss, ess_loss, max_margin_loss, nearest_negatives, pixels_last,
+                           random_negatives, segmentation_loss)
 
 
 def _inputs(n=200, c=12, d=7, seed=0, ignore_every=5):
@@ -273,3 +274,56 @@ def test_loss_is_fp32_for_bf16_inputs():
     x, mu, t = _inputs()
     assert ess_loss(x.bfloat16(), mu.bfloat16(), t, k=3).dtype == torch.float32
     assert max_margin_loss(mu.bfloat16()).dtype == torch.float32
+
+
+def _reference_full(x, mu, t, tau):
+    xh, muh = F.normalize(x, dim=1), F.normalize(mu, dim=1)
+    return F.cross_entropy(-torch.cdist(xh, muh) ** 2 / tau, t, ignore_index=IGNORE_INDEX)
+
+
+def test_segmentation_loss_ess_full_is_full_softmax_plus_margin():
+    g = torch.Generator().manual_seed(2)
+    emb = torch.randn(2, 5, 4, 4, generator=g, dtype=torch.float64)
+    class_emb = torch.randn(40, 5, generator=g, dtype=torch.float64)
+    target = torch.randint(0, 40, (2, 8, 8), generator=g)
+    target[0, 1] = IGNORE_INDEX
+    cfg = MethodConfig(name="ess_full", tau=0.1, margin=1.5, margin_weight=0.5, loss_chunk_mib=1)  # C > k: no kNN
+    loss, parts = segmentation_loss({"embeddings": emb, "class_embeddings": class_emb}, target, cfg)
+    pix = F.interpolate(emb, size=(8, 8), mode="bilinear", align_corners=False).permute(0, 2, 3, 1).reshape(-1, 5)
+    expected = _reference_full(pix, class_emb, target.reshape(-1), 0.1) + 0.5 * _reference_margin(class_emb, 1.5)
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+    assert set(parts) == {"loss_full", "loss_margin"}
+
+
+@pytest.mark.parametrize("sets", [{"knn_at": "feature"}, {"knn_block": 2}, {"knn_block": 4}])
+def test_shared_neighbours_keep_negatives_strict(sets):
+    g = torch.Generator().manual_seed(1)
+    emb = torch.randn(2, 6, 5, 5, generator=g, requires_grad=True)
+    class_emb = torch.randn(40, 6, generator=g, requires_grad=True)
+    target = torch.randint(0, 40, (2, 20, 20), generator=g)
+    target[:, 0] = IGNORE_INDEX
+    cfg = MethodConfig(k=5, **sets)
+    loss, _ = segmentation_loss({"embeddings": emb, "class_embeddings": class_emb}, target, cfg)
+    loss.backward()
+    assert torch.isfinite(loss) and emb.grad.abs().sum() > 0 and class_emb.grad.abs().sum() > 0
+    # the candidates: target first, then 5 distinct classes none of which is the target
+    up = F.interpolate(emb.detach(), size=(20, 20), mode="bilinear", align_corners=False)
+    mu = F.normalize(class_emb.detach(), dim=1)
+    neighbours = (feature_neighbours(emb, (20, 20), mu, 6) if "knn_at" in sets
+                  else block_neighbours(up, sets["knn_block"], mu, 6))
+    t = target.reshape(-1)
+    cand = ess_candidates(pixels_last(up), mu, t, 5, rows=37, neighbours=neighbours).long()
+    assert torch.equal(cand[:, 0], t.clamp_min(0))
+    assert not (cand[:, 1:] == cand[:, :1]).any()
+    assert (cand[:, 1:].sort(1).values.diff(dim=1) != 0).all()
+
+
+def test_method_config_validates_the_new_keys():
+    from esskit.errors import ConfigError
+
+    assert MethodConfig(name="ess_full").name == "ess_full"
+    for bad, match in [({"knn_block": 3}, "knn_block"), ({"knn_at": "stride4"}, "knn_at"),
+                       ({"knn_at": "feature", "knn_block": 2}, "alternatives"),
+                       ({"variant": "essnet", "knn_block": 2}, "essnet"), ({"loss_chunk_mib": 0}, "loss_chunk_mib")]:
+        with pytest.raises(ConfigError, match=match):
+            MethodConfig(**bad)

@@ -181,3 +181,23 @@ def test_cuda_measurer_control_flow_without_a_gpu(monkeypatch):
     with pytest.raises(ValueError):  # anything but out-of-memory propagates
         monkeypatch.setattr(measure, "training_step", lambda *a: (_ for _ in ()).throw(ValueError("bug")))
         measurer.try_batch(cfg, 1)
+
+
+def test_profile_cli_ess_full_and_large_c_are_flat(tmp_path):
+    # ess and ess_full at C = 19 and 100,000: the estimate runs without boolean-mask help (the lean
+    # losses have none) and the peak at equal batch stays within 10 % of C = 19 (1 MiB kNN blocks:
+    # at this tiny crop the default 64 MiB block would be a large share of the step).
+    out = tmp_path / "profile"
+    result = CliRunner().invoke(app, ["profile", "--device", "meta", "--backbone", "resnet18", "--crop", "64",
+                                      "--classes", "19,100000", "--methods", "ess,ess_full", "--budget-gib", "0.35",
+                                      "--max-batch", "1", "--set", "method.knn_chunk_mib=1",
+                                      "--set", "method.loss_chunk_mib=1", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [(r["method"], r["classes"]) for r in rows] == [("ess", 19), ("ess", 100000), ("ess_full", 19),
+                                                          ("ess_full", 100000)]
+    for method in ("ess", "ess_full"):
+        small, large = (next(r for r in rows if r["method"] == method and r["classes"] == c) for c in (19, 100000))
+        assert small["max_batch"] == large["max_batch"] == 1
+        assert large["peak_allocated_mib"] <= 1.1 * small["peak_allocated_mib"]
+    assert "ESS, full softmax" in (out / "table6.md").read_text()

@@ -11,11 +11,15 @@ Two things differ from a real GPU and are handled here:
   through CUDA-device fake tensors. So AMP uses CPU autocast (convolutions in fp16/bf16, as on CUDA;
   esskit's losses cast to fp32 either way) and SGD is switched to its foreach kernels, which it
   picks by itself for CUDA parameters.
-- Fake tensors have no values, so ops whose output shape depends on data cannot run. The one the
-  trainer hits is boolean-mask indexing, `pixel_emb[keep]` in `esskit.losses.ess_loss` (line 51,
-  `keep = target != IGNORE_INDEX`). The estimate feeds targets without ignore pixels
-  (`step.synthetic_batch`), so every such mask is all-true; `MemoryTracker(all_true_masks=True)`
-  replaces it by the integer indices `nonzero()` would return (counted, as the GPU allocates them).
+- Fake tensors have no values, so ops whose output shape depends on data cannot run. The trainer's
+  step has none: the ESS losses weight ignore pixels by 0 instead of selecting the kept pixels
+  with a boolean mask (`esskit.losses._kept_mean`). For other code that does index with a mask,
+  `MemoryTracker(all_true_masks=True)` treats every boolean mask as all-true and replaces it by
+  the integer indices `nonzero()` would return (counted, as the GPU allocates them); the step's
+  random labels (`step.synthetic_batch`) have no ignore pixels, so that reading would be exact.
+- Custom ops with a fake implementation (torch's chunked `linear_cross_entropy`) show only their
+  outputs; `esskit.lean_loss.full_cross_entropy` therefore runs esskit's own chunked function on
+  fake tensors, whose chunk buffers are counted.
 """
 
 from __future__ import annotations
@@ -153,7 +157,7 @@ def estimate_training_peak(cfg: Config, batch: int, steps: int = 2) -> MemoryEst
     forward and backward, which is when the trainer peaks.
     """
     try:
-        with FakeTensorMode(), MemoryTracker(all_true_masks=True) as tracker:
+        with FakeTensorMode(), MemoryTracker() as tracker:
             model, optimizer = build_training(cfg, "cpu")
             for group in optimizer.param_groups:
                 group["foreach"] = True  # what SGD picks by itself for CUDA parameters

@@ -1,0 +1,295 @@
+"""Loss-step benchmark: the per-pixel loss (upsampling included, Eq. 7 excluded) and its backward
+for every method and kNN option at several class counts C, all in one run on one device.
+
+    python profiling/bench_loss.py                       # CPU, N = 4 x 128 x 128, d = 12, k = 8
+    python profiling/bench_loss.py --classes 19,150 --reps 5 --out /tmp/bench
+
+Per (variant, C): median wall time of loss + backward, the kNN's share of it (time inside the
+kNN search calls), the peak memory of the loss part above its inputs (fake tensors under
+`esskit.profile.estimate.MemoryTracker`, rounded like the CUDA caching allocator), and for the
+shared-neighbour options the fraction of pixels whose k negatives differ from the exact per-pixel
+ones. Writes results.csv, results.json, results.md (time (ratio to lean ESS) / kNN share / peak
+MiB per cell) and bench_loss.png into --out; `--replot DIR` rewrites the last two from results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from esskit.config import MethodConfig
+from esskit.data import IGNORE_INDEX
+from esskit.knn import block_neighbours, feature_neighbours, knn_backend
+from esskit.losses import ess_candidates, ess_full_loss, ess_paper_loss, pixels_last, segmentation_loss, upsample
+from esskit.profile.estimate import MemoryTracker
+
+MIB = 2**20
+COLUMNS = ("device", "variant", "classes", "pixels", "d", "k", "time_s", "knn_s", "knn_share", "peak_mib",
+           "ratio_to_ess", "neg_diff_frac", "reps", "note")
+
+
+def gather_ess(emb, class_emb, target, cfg: MethodConfig, knn):
+    """The pre-lean Eq. 6 (esskit before issue 8), for comparison: boolean-mask copy of the kept
+    pixels, fp32 [N, k+1, d] gathers of the candidates and their differences."""
+    x = pixels_last(upsample(emb, target.shape[-2:]))
+    t = target.reshape(-1)
+    keep = t != IGNORE_INDEX
+    x, t, mu = F.normalize(x[keep], dim=1), t[keep], F.normalize(class_emb.float(), dim=1)
+    _, idx = knn(x.detach(), mu.detach(), cfg.k + 1)
+    is_target = idx == t[:, None]
+    key = torch.arange(cfg.k + 1).expand_as(idx).masked_fill(is_target, cfg.k + 1)
+    neg = idx.gather(1, key.argsort(dim=1)[:, :cfg.k])
+    candidates = torch.cat([t[:, None], neg], dim=1)
+    logits = -(x[:, None, :] - mu[candidates]).pow(2).sum(-1) / cfg.tau
+    return F.cross_entropy(logits, torch.zeros_like(t))
+
+
+def _full(builtin):
+    def loss(emb, class_emb, target, cfg, knn):
+        x = pixels_last(upsample(emb, target.shape[-2:]))
+        return ess_full_loss(x, class_emb, target.reshape(-1), cfg.tau, chunk_bytes=cfg.loss_chunk_mib * MIB,
+                             builtin=builtin)
+    return loss
+
+
+def _baseline(logits, class_emb, target, cfg, knn):
+    return segmentation_loss({"logits": logits}, target, cfg)[0]
+
+
+# variant -> (loss function, MethodConfig overrides, label)
+VARIANTS = {
+    "baseline": (_baseline, {"name": "baseline"}, "baseline CE (C-way softmax)"),
+    "ess_gather": (gather_ess, {}, "ESS Eq. 6, pre-lean gather"),
+    "ess": (ess_paper_loss, {}, "ESS Eq. 6, lean"),
+    "ess_faiss": (ess_paper_loss, {"knn": "faiss"}, "ESS lean, FAISS kNN"),
+    "ess_feature": (ess_paper_loss, {"knn_at": "feature"}, "ESS lean, knn_at=feature"),
+    "ess_block2": (ess_paper_loss, {"knn_block": 2}, "ESS lean, knn_block=2"),
+    "ess_block4": (ess_paper_loss, {"knn_block": 4}, "ESS lean, knn_block=4"),
+    "ess_full": (_full(True), {"name": "ess_full"}, "ess_full, torch linear_cross_entropy"),
+    "ess_full_esskit": (_full(False), {"name": "ess_full"}, "ess_full, esskit chunked"),
+}
+
+
+class TimedKnn:
+    """The configured kNN backend, adding up the wall time spent inside it."""
+
+    def __init__(self, knn):
+        self.knn, self.seconds = knn, 0.0
+
+    def __call__(self, queries, keys, k):
+        start = time.perf_counter()
+        out = self.knn(queries, keys, k)
+        self.seconds += time.perf_counter() - start
+        return out
+
+
+def make_inputs(cfg: MethodConfig, classes: int, batch: int, size: int, d: int, seed: int = 0):
+    """Stride-4 head output (d channels, or C logits for the baseline), class embeddings, labels
+    (2 % ignore pixels)."""
+    g = torch.Generator().manual_seed(seed)
+    channels = classes if cfg.name == "baseline" else d
+    emb = torch.randn(batch, channels, size // 4, size // 4, generator=g)
+    class_emb = torch.randn(classes, d, generator=g)
+    target = torch.randint(0, classes, (batch, size, size), generator=g)
+    target.view(-1)[::50] = IGNORE_INDEX
+    return emb, class_emb, target
+
+
+def loss_peak_mib(fn, cfg: MethodConfig, classes: int, batch: int, size: int, d: int) -> float | None:
+    """Peak bytes of loss + backward above the inputs, on fake tensors."""
+    if cfg.knn == "faiss":
+        return None  # FAISS takes numpy arrays: no fake tensors; its buffers live outside torch
+    with FakeTensorMode(), MemoryTracker(all_true_masks=True) as tracker:
+        emb, class_emb, _ = make_inputs(cfg, classes, batch, size, d)
+        target = torch.randint(0, classes, (batch, size, size))  # no ignore: masks stay all-true
+        emb.requires_grad_(True)
+        class_emb.requires_grad_(True)
+        base = tracker.live_allocated
+        fn(emb, class_emb, target, cfg, knn_backend(cfg.knn, cfg.knn_chunk_mib * MIB)).backward()
+    return round((tracker.peak_allocated - base) / MIB, 1)
+
+
+def time_step(fn, cfg: MethodConfig, inputs, reps: int, budget_s: float) -> tuple[list[float], list[float]]:
+    """Wall times of loss + backward and of the kNN inside it; one warm-up unless a step is slow."""
+    times, knn_times, warm = [], [], False
+    while len(times) < reps:
+        emb, class_emb, target = (t.clone() for t in inputs)
+        emb.requires_grad_(True)
+        class_emb.requires_grad_(True)
+        knn = TimedKnn(knn_backend(cfg.knn, cfg.knn_chunk_mib * MIB))
+        start = time.perf_counter()
+        fn(emb, class_emb, target, cfg, knn).backward()
+        elapsed = time.perf_counter() - start
+        if not warm and elapsed < 2.0:
+            warm = True
+            continue
+        times.append(elapsed)
+        knn_times.append(knn.seconds)
+        if sum(times) > budget_s:
+            break
+    return times, knn_times
+
+
+@torch.no_grad()
+def negatives_differ(cfg: MethodConfig, inputs, chunk_rows: int = 2**15) -> float | None:
+    """Fraction of label pixels whose k negatives (as a set) differ from the exact per-pixel ones."""
+    if cfg.knn_at == "label" and cfg.knn_block == 1:
+        return None
+    emb, class_emb, target = inputs
+    up = upsample(emb, target.shape[-2:])
+    x, t, mu = pixels_last(up), target.reshape(-1), F.normalize(class_emb, dim=1)
+    knn = knn_backend(cfg.knn, cfg.knn_chunk_mib * MIB)
+    shared = (feature_neighbours(emb, target.shape[-2:], mu, cfg.k + 1, knn) if cfg.knn_at == "feature"
+              else block_neighbours(up, cfg.knn_block, mu, cfg.k + 1, knn))
+    exact = ess_candidates(x, mu, t, cfg.k, rows=chunk_rows, knn=knn)[:, 1:].sort(1).values
+    approx = ess_candidates(x, mu, t, cfg.k, rows=chunk_rows, knn=knn, neighbours=shared)[:, 1:].sort(1).values
+    keep = t != IGNORE_INDEX
+    return round(float((exact != approx).any(1)[keep].float().mean()), 4)
+
+
+def bench_cell(name: str, classes: int, args) -> dict:
+    fn, sets, _ = VARIANTS[name]
+    cfg = MethodConfig(k=args.k, margin_weight=0.0, knn_chunk_mib=args.knn_chunk_mib,
+                       loss_chunk_mib=args.loss_chunk_mib, **sets)
+    row = dict.fromkeys(COLUMNS)
+    row.update(device=args.device_name, variant=name, classes=classes, pixels=args.batch * args.size ** 2,
+               d=args.d, k=args.k, note="")
+    row["peak_mib"] = loss_peak_mib(fn, cfg, classes, args.batch, args.size, args.d)
+    if row["peak_mib"] is not None and row["peak_mib"] > args.max_mib:
+        row["note"] = f"not timed: needs {row['peak_mib'] / 1024:.1f} GiB > --max-mib"
+        return row
+    inputs = make_inputs(cfg, classes, args.batch, args.size, args.d)
+    times, knn_times = time_step(fn, cfg, inputs, args.reps, args.budget_s)
+    row.update(time_s=round(statistics.median(times), 4), knn_s=round(statistics.median(knn_times), 4),
+               reps=len(times))
+    row["knn_share"] = round(row["knn_s"] / row["time_s"], 3)
+    row["neg_diff_frac"] = negatives_differ(cfg, inputs)
+    return row
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=120)
+    for i, (name, (_, _, label)) in enumerate(VARIANTS.items()):
+        color = f"C{i}"  # the same colour in both panels (FAISS has no memory points)
+        mine = sorted((r["classes"], r["time_s"], r["peak_mib"]) for r in rows if r["variant"] == name)
+        timed = [(c, t) for c, t, _ in mine if t is not None]
+        peaks = [(c, p) for c, _, p in mine if p is not None]
+        style = "--" if name in ("ess_gather", "baseline") else "-"
+        if timed:
+            ax_t.plot(*zip(*timed), "o" + style, color=color, label=label, markersize=4)
+        if peaks:
+            ax_m.plot(*zip(*peaks), "o" + style, color=color, label=label, markersize=4)
+    for ax, label in ((ax_t, "loss + backward (s)"), (ax_m, "peak memory of the loss part (MiB)")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("number of classes C")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+    ax_t.legend(fontsize=6)
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def table_md(rows: list[dict]) -> str:
+    """One line per variant: time (ratio to lean ESS) / kNN share / peak MiB for each C."""
+    classes = sorted({r["classes"] for r in rows})
+    lines = ["| variant | " + " | ".join(f"C = {c}" for c in classes) + " |", "|---|" + "---|" * len(classes)]
+    for name, (_, _, label) in VARIANTS.items():
+        cells = []
+        for c in classes:
+            r = next((r for r in rows if r["variant"] == name and r["classes"] == c), None)
+            if r is None:
+                cells.append("")
+            elif r["time_s"] is None:
+                cells.append(f"not run ({r['peak_mib'] / 1024:.0f} GiB)" if r["peak_mib"] else r["note"])
+            else:
+                ratio = f" (×{r['ratio_to_ess']})" if r["ratio_to_ess"] is not None else ""
+                peak = "-" if r["peak_mib"] is None else f"{r['peak_mib']:g}"
+                cells.append(f"{r['time_s']:.3g} s{ratio} / {100 * r['knn_share']:.0f} % / {peak}")
+        if any(cells):
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _faiss_threads(n: int) -> None:
+    try:
+        import faiss
+    except ImportError:
+        return
+    faiss.omp_set_num_threads(n)
+
+
+def _title(s: dict) -> str:
+    return (f"{s['device_name']}; N = {s['batch']}x{s['size']}x{s['size']}, d = {s['d']}, k = {s['k']}, fp32, "
+            f"loss chunk {s['loss_chunk_mib']} MiB, kNN block {s['knn_chunk_mib']} MiB")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--classes", default="19,150,1284,10000,100000")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=", ".join(VARIANTS))
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--d", type=int, default=12)
+    parser.add_argument("--k", type=int, default=8)
+    parser.add_argument("--reps", type=int, default=3)
+    # Chunks scaled to N = 65,536 pixels as the library defaults (64 MiB) are to a 16 x 512^2 batch.
+    parser.add_argument("--loss-chunk-mib", type=int, default=1)
+    parser.add_argument("--knn-chunk-mib", type=int, default=8)
+    parser.add_argument("--budget-s", type=float, default=60.0, help="stop repeating a cell after this long")
+    parser.add_argument("--max-mib", type=float, default=3072, help="skip timing cells whose loss needs more")
+    parser.add_argument("--threads", type=int, default=1, help="torch (and FAISS) threads")
+    parser.add_argument("--device-name", default=f"CPU ({platform.processor() or platform.machine()})")
+    parser.add_argument("--out", type=Path, default=Path("profiling/results/bench_loss-cpu"))
+    parser.add_argument("--replot", type=Path, help="rewrite results.md and the plot of this folder")
+    args = parser.parse_args()
+    if args.replot:
+        payload = json.loads((args.replot / "results.json").read_text())
+        (args.replot / "results.md").write_text(table_md(payload["rows"]))
+        settings = payload["settings"]
+        plot(payload["rows"], args.replot / "bench_loss.png", _title(settings))
+        return
+    torch.set_num_threads(args.threads)  # see the README: 2 threads on 2 shared cores ran up to 100x slower
+    _faiss_threads(args.threads)
+    classes = [int(c) for c in args.classes.split(",")]
+    names = [v for v in args.variants.split(",") if v]
+    start, rows = time.time(), []
+    for c in classes:
+        for name in names:
+            rows.append(bench_cell(name, c, args))
+            print(json.dumps({k: rows[-1][k] for k in ("variant", "classes", "time_s", "knn_share", "peak_mib",
+                                                       "neg_diff_frac", "note")}), flush=True)
+        ess = next((r["time_s"] for r in rows if r["classes"] == c and r["variant"] == "ess"), None)
+        for r in rows:
+            if r["classes"] == c and ess and r["time_s"]:
+                r["ratio_to_ess"] = round(r["time_s"] / ess, 2)
+    args.out.mkdir(parents=True, exist_ok=True)
+    with open(args.out / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    settings.update(torch=torch.__version__, wall_s=round(time.time() - start, 1))
+    (args.out / "results.json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=1) + "\n")
+    (args.out / "results.md").write_text(table_md(rows))
+    plot(rows, args.out / "bench_loss.png", _title(settings))
+
+
+if __name__ == "__main__":
+    main()
