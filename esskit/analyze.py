@@ -35,7 +35,7 @@ LINKAGE_CLASSES = 8192  # largest C clustered in full: scipy's linkage needs 4·
 def class_vectors(run: Run) -> tuple[torch.Tensor, str]:
     """The raw (unnormalised) [C, D] class vectors and what they are."""
     head = run.model.head
-    if run.cfg.method.name == "ess":
+    if run.cfg.method.name != "baseline":  # ess and ess_full share the embedding head
         return head.class_embeddings.detach().float().cpu(), "class embeddings"
     return head.classifier.weight.detach().float().cpu()[:, :, 0, 0], "classifier weight rows"
 
@@ -154,7 +154,7 @@ def run_analysis(checkpoint: Path, out: Path, kmeans: int = 70, images: int = 2,
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"--out {out} cannot be created: {e.strerror}") from None
-    ess = run.cfg.method.name == "ess"
+    ess = run.cfg.method.name != "baseline"
     raw, kind = class_vectors(run)
     unit = F.normalize(raw, dim=1)
     norms = raw.norm(dim=1).numpy()

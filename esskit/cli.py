@@ -124,7 +124,7 @@ def list_datasets():
 def profile(recipe: Annotated[Optional[Path], typer.Argument(help="Optional recipe for the other settings "
                                                              "(method.k, model.embed_dim, ...)")] = None,
             classes: Annotated[str, typer.Option(help="Class counts C, comma-separated")] = "19,150,1284",
-            methods: Annotated[str, typer.Option(help="Methods, comma-separated: baseline, ess")] = "baseline,ess",
+            methods: Annotated[str, typer.Option(help="Methods, comma-separated: baseline, ess, ess_full")] = "baseline,ess",
             backbone: Annotated[Optional[str], typer.Option(help="timm backbone (default: the recipe's, "
                                                             "else resnet50)")] = None,
             crop: Annotated[Optional[str], typer.Option(help="Training crop SIZE or HxW (default: the "

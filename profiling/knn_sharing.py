@@ -23,7 +23,7 @@ from esskit.checkpoint import find_checkpoint, load_weights
 from esskit.config import load_config
 from esskit.data import IGNORE_INDEX, build_dataset
 from esskit.engine import model_from_config
-from esskit.knn import block_neighbours, feature_neighbours, knn_exact
+from esskit.knn import block_neighbours, feature_neighbours
 from esskit.losses import ess_candidates, pixels_last, upsample
 
 OPTIONS = {"knn_at=feature": ("feature", 1), "knn_block=2": ("label", 2), "knn_block=4": ("label", 4)}

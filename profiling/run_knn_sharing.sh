@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Short synthetic runs with each kNN option (exact per label pixel, per stride-4 feature pixel,
 # per 2x2 and 4x4 block), then the fraction of pixels whose negatives change and the mIoU of each
-# (profiling/results/knn_sharing-synthetic). CPU, about an hour on 2 shared cores.
+# (profiling/results/knn_sharing-synthetic). CPU, 30-40 minutes on 2 shared cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STEPS=${STEPS:-150}

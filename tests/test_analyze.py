@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from esskit.cli import app
 from esskit.data import IGNORE_INDEX
 from esskit.data.synthetic import SyntheticSegmentation
-from test_predict import RECIPE, TINY, baseline_run, ess_run  # noqa: F401  (session fixtures)
+from test_predict import RECIPE, TINY, baseline_run, ess_run, trained_run  # noqa: F401  (session fixtures)
 
 runner = CliRunner()
 
@@ -90,6 +90,13 @@ def test_analyze_baseline_says_what_does_not_apply(baseline_run, tmp_path):
     full = torch.cdist(unit, unit).fill_diagonal_(float("inf"))
     assert summary["min_interclass_distance"] == pytest.approx(float(full.min()), abs=1e-5)
     assert len(rows(tmp_path / "dendrogram.csv")) == 19
+
+
+def test_analyze_ess_full_uses_the_class_embeddings(tmp_path_factory, tmp_path):
+    run = trained_run(tmp_path_factory, "ess_full", "method.name=ess_full")
+    result = runner.invoke(app, ["analyze", "--checkpoint", str(run), "--out", str(tmp_path), "--images", "0"])
+    assert result.exit_code == 0, result.output
+    assert len(rows(tmp_path / "neighbours.csv")) == 19 * 5
 
 
 def test_analyze_without_checkpoint_is_one_line_error(tmp_path):

@@ -1,11 +1,16 @@
 """esskit.lean_loss (chunked Eq. 6 and full softmax) against brute-force references written here:
 values and gradients, chunk boundaries, ignore pixels, fake tensors and flat memory in C."""
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
+from typer.testing import CliRunner
 
+from esskit.cli import app
 from esskit.data import IGNORE_INDEX
 from esskit.knn import knn_backend
 from esskit.lean_loss import has_builtin_linear_cross_entropy, unit_backward
@@ -170,13 +175,6 @@ def test_pre_lean_formulation_costs_the_tracker_several_times_more():
 
 
 def test_cli_trains_ess_full(tmp_path):
-    import json
-    from pathlib import Path
-
-    from typer.testing import CliRunner
-
-    from esskit.cli import app
-
     recipe = Path(__file__).resolve().parents[1] / "recipes" / "synthetic.toml"
     tiny = ["train.steps=2", "train.batch_size=2", "data.crop=[64,64]", "data.base_size=[64,64]",
             "data.synthetic_image_size=64", "data.synthetic_train_size=4", "data.synthetic_val_size=2",
