@@ -16,19 +16,14 @@ from esskit.knn import knn_backend
 from esskit.lean_loss import has_builtin_linear_cross_entropy, unit_backward
 from esskit.losses import ess_full_loss, ess_loss
 from esskit.profile.estimate import MemoryTracker
+from test_losses import _inputs as random_inputs
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _inputs(n=150, c=12, d=6, seed=0, ignore_every=4):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, d, generator=g, dtype=torch.float64)
-    mu = torch.randn(c, d, generator=g, dtype=torch.float64)
-    t = torch.randint(0, c, (n,), generator=g)
-    if ignore_every:
-        t[::ignore_every] = IGNORE_INDEX
-    return x, mu, t
+    return random_inputs(n, c, d, seed, ignore_every)
 
 
 def _reference_ess(x, mu, t, k, tau, normalize=True):
