@@ -135,6 +135,8 @@ def profile(recipe: Annotated[Optional[Path], typer.Argument(help="Optional reci
             device: Annotated[Optional[str], typer.Option(help="cuda: measure on the GPU; meta: estimate on "
                                                           "the CPU (default: cuda when available)")] = None,
             max_batch: Annotated[int, typer.Option(help="Largest batch size the search tries")] = 256,
+            batch: Annotated[int, typer.Option(help="No search: peak memory and times at this batch size "
+                                               "for every method (equal-batch comparisons)")] = 0,
             out: Annotated[Optional[Path], typer.Option(help="Output directory (default: profiling/results/"
                                                         "BACKBONE-CROP-PRECISION-DEVICE)")] = None,
             overrides: Overrides = None):
@@ -146,7 +148,7 @@ def profile(recipe: Annotated[Optional[Path], typer.Argument(help="Optional reci
         base, recipe_keys = profiling.load_base(recipe, overrides or [])
         spec = profiling.spec_from_options(base, recipe_keys, classes=classes, methods=methods, backbone=backbone,
                                            crop=crop, budget_gib=budget_gib, precision=mixed_precision,
-                                           device=device, max_batch=max_batch)
+                                           device=device, max_batch=max_batch, batch=batch)
         profiling.run_profile(spec, out or profiling.default_out_dir(spec))
     except EsskitError as e:
         _fail(e)

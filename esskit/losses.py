@@ -168,14 +168,15 @@ def ess_paper_loss(emb: torch.Tensor, class_emb: torch.Tensor, target: torch.Ten
                     chunk_bytes=cfg.loss_chunk_mib * 2**20)
 
 
-def segmentation_loss(output: dict, target: torch.Tensor, cfg: MethodConfig) -> tuple[torch.Tensor, dict]:
-    """The method's training loss on a model output dict and [B, H, W] targets -> (loss, parts)."""
+def segmentation_loss(output: dict, target: torch.Tensor, cfg: MethodConfig, knn=None) -> tuple[torch.Tensor, dict]:
+    """The method's training loss on a model output dict and [B, H, W] targets -> (loss, parts).
+    `knn` replaces the configured search (the profiler passes a timed one)."""
     size = target.shape[-2:]
     if cfg.name == "baseline":
         logits = upsample(output["logits"].float(), size)
         loss = F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX)
         return loss, {"loss_ce": loss.detach()}
-    knn = knn_backend(cfg.knn, cfg.knn_chunk_mib * 2**20)
+    knn = knn or knn_backend(cfg.knn, cfg.knn_chunk_mib * 2**20)
     emb, class_emb = output["embeddings"].float(), output["class_embeddings"]
     if cfg.name == "ess_full":
         cls = ess_full_loss(pixels_last(upsample(emb, size)), class_emb, target.reshape(-1), cfg.tau,

@@ -3,12 +3,14 @@ for every method and kNN option at several class counts C, all in one run on one
 
     python profiling/bench_loss.py                       # CPU, N = 4 x 128 x 128, d = 12, k = 8
     python profiling/bench_loss.py --classes 19,150 --reps 5 --out /tmp/bench
+    python profiling/bench_loss.py --device cuda --batch 8 --size 512 --out profiling/results/bench_loss-cuda
 
 Per (variant, C): median wall time of loss + backward, the kNN's share of it (time inside the
 kNN search calls), the peak memory of the loss part above its inputs (fake tensors under
 `esskit.profile.estimate.MemoryTracker`, rounded like the CUDA caching allocator), and for the
 shared-neighbour options the fraction of pixels whose k negatives differ from the exact per-pixel
-ones. Writes results.csv, results.json, results.md (time (ratio to lean ESS) / kNN share / peak
+ones. On a GPU (--device cuda) the times are synchronised (the kNN's between synchronisations around
+each search) and `measured_peak_mib` adds torch.cuda.max_memory_allocated above the inputs. Writes results.csv, results.json, results.md (time (ratio to lean ESS) / kNN share / peak
 MiB per cell) and bench_loss.png into --out; `--replot DIR` rewrites the last two from results.json.
 """
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
 import json
 import platform
 import statistics
@@ -31,10 +34,11 @@ from esskit.data import IGNORE_INDEX
 from esskit.knn import block_neighbours, feature_neighbours, knn_backend
 from esskit.losses import ess_candidates, ess_full_loss, ess_paper_loss, pixels_last, segmentation_loss, upsample
 from esskit.profile.estimate import MemoryTracker
+from esskit.profile.step import TimedKnn
 
 MIB = 2**20
 COLUMNS = ("device", "variant", "classes", "pixels", "d", "k", "time_s", "knn_s", "knn_share", "peak_mib",
-           "ratio_to_ess", "neg_diff_frac", "reps", "note")
+           "measured_peak_mib", "ratio_to_ess", "neg_diff_frac", "reps", "note")
 
 
 def gather_ess(emb, class_emb, target, cfg: MethodConfig, knn):
@@ -79,20 +83,7 @@ VARIANTS = {
 }
 
 
-class TimedKnn:
-    """The configured kNN backend, adding up the wall time spent inside it."""
-
-    def __init__(self, knn):
-        self.knn, self.seconds = knn, 0.0
-
-    def __call__(self, queries, keys, k):
-        start = time.perf_counter()
-        out = self.knn(queries, keys, k)
-        self.seconds += time.perf_counter() - start
-        return out
-
-
-def make_inputs(cfg: MethodConfig, classes: int, batch: int, size: int, d: int, seed: int = 0):
+def make_inputs(cfg: MethodConfig, classes: int, batch: int, size: int, d: int, seed: int = 0, device="cpu"):
     """Stride-4 head output (d channels, or C logits for the baseline), class embeddings, labels
     (2 % ignore pixels)."""
     g = torch.Generator().manual_seed(seed)
@@ -101,7 +92,12 @@ def make_inputs(cfg: MethodConfig, classes: int, batch: int, size: int, d: int, 
     class_emb = torch.randn(classes, d, generator=g)
     target = torch.randint(0, classes, (batch, size, size), generator=g)
     target.view(-1)[::50] = IGNORE_INDEX
-    return emb, class_emb, target
+    return tuple(t.to(device) for t in (emb, class_emb, target))
+
+
+def _sync(device: torch.device):
+    """torch.cuda.synchronize for a GPU, None (nothing to wait for) on the CPU."""
+    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
 
 
 def loss_peak_mib(fn, cfg: MethodConfig, classes: int, batch: int, size: int, d: int) -> float | None:
@@ -118,17 +114,43 @@ def loss_peak_mib(fn, cfg: MethodConfig, classes: int, batch: int, size: int, d:
     return round((tracker.peak_allocated - base) / MIB, 1)
 
 
+def measured_peak_mib(fn, cfg: MethodConfig, inputs) -> float:
+    """torch.cuda.max_memory_allocated of loss + backward above the inputs and their gradients' absence."""
+    device = inputs[0].device
+    emb, class_emb, target = (t.clone() for t in inputs)
+    emb.requires_grad_(True)
+    class_emb.requires_grad_(True)
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn(emb, class_emb, target, cfg, knn_backend(cfg.knn, cfg.knn_chunk_mib * MIB)).backward()
+    torch.cuda.synchronize(device)
+    return round((torch.cuda.max_memory_allocated(device) - base) / MIB, 1)
+
+
 def time_step(fn, cfg: MethodConfig, inputs, reps: int, budget_s: float) -> tuple[list[float], list[float]]:
-    """Wall times of loss + backward and of the kNN inside it; one warm-up unless a step is slow."""
+    """Wall times of loss + backward and of the kNN inside it; one warm-up unless a step is slow.
+    On a GPU the kNN's time comes from separate, synchronised repetitions (the synchronisation
+    around each search would slow the step it is part of)."""
     times, knn_times, warm = [], [], False
+    sync = _sync(inputs[0].device)
     while len(times) < reps:
         emb, class_emb, target = (t.clone() for t in inputs)
         emb.requires_grad_(True)
         class_emb.requires_grad_(True)
         knn = TimedKnn(knn_backend(cfg.knn, cfg.knn_chunk_mib * MIB))
+        if sync:
+            sync()
         start = time.perf_counter()
         fn(emb, class_emb, target, cfg, knn).backward()
+        if sync:
+            sync()
         elapsed = time.perf_counter() - start
+        if sync:  # the searches alone: the loss's forward again, each search between synchronisations
+            knn = TimedKnn(knn_backend(cfg.knn, cfg.knn_chunk_mib * MIB), sync)
+            with torch.no_grad():
+                fn(emb, class_emb, target, cfg, knn)
         if not warm and elapsed < 2.0:
             warm = True
             continue
@@ -167,7 +189,12 @@ def bench_cell(name: str, classes: int, args) -> dict:
     if row["peak_mib"] is not None and row["peak_mib"] > args.max_mib:
         row["note"] = f"not timed: needs {row['peak_mib'] / 1024:.1f} GiB > --max-mib"
         return row
-    inputs = make_inputs(cfg, classes, args.batch, args.size, args.d)
+    if cfg.knn == "faiss" and importlib.util.find_spec("faiss") is None:
+        row["note"] = "not run: FAISS is not installed"
+        return row
+    inputs = make_inputs(cfg, classes, args.batch, args.size, args.d, device=args.device)
+    if args.device.type == "cuda":
+        row["measured_peak_mib"] = measured_peak_mib(fn, cfg, inputs)
     times, knn_times = time_step(fn, cfg, inputs, args.reps, args.budget_s)
     row.update(time_s=round(statistics.median(times), 4), knn_s=round(statistics.median(knn_times), 4),
                reps=len(times))
@@ -255,7 +282,8 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=60.0, help="stop repeating a cell after this long")
     parser.add_argument("--max-mib", type=float, default=3072, help="skip timing cells whose loss needs more")
     parser.add_argument("--threads", type=int, default=1, help="torch (and FAISS) threads")
-    parser.add_argument("--device-name", default=f"CPU ({platform.processor() or platform.machine()})")
+    parser.add_argument("--device", type=torch.device, default=torch.device("cpu"), help="cpu or cuda")
+    parser.add_argument("--device-name", help="the device as the results name it (default: CPU model or GPU name)")
     parser.add_argument("--out", type=Path, default=Path("profiling/results/bench_loss-cpu"))
     parser.add_argument("--replot", type=Path, help="rewrite results.md and the plot of this folder")
     args = parser.parse_args()
@@ -265,6 +293,10 @@ def main() -> None:
         settings = payload["settings"]
         plot(payload["rows"], args.replot / "bench_loss.png", _title(settings))
         return
+    if args.device.type == "cuda" and args.device.index is None:
+        args.device = torch.device("cuda", torch.cuda.current_device())
+    args.device_name = args.device_name or (torch.cuda.get_device_name(args.device) if args.device.type == "cuda"
+                                            else f"CPU ({platform.processor() or platform.machine()})")
     torch.set_num_threads(args.threads)  # see the README: 2 threads on 2 shared cores ran up to 100x slower
     _faiss_threads(args.threads)
     classes = [int(c) for c in args.classes.split(",")]
@@ -284,7 +316,7 @@ def main() -> None:
         writer = csv.DictWriter(f, COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    settings = {k: (str(v) if isinstance(v, (Path, torch.device)) else v) for k, v in vars(args).items()}
     settings.update(torch=torch.__version__, wall_s=round(time.time() - start, 1))
     (args.out / "results.json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=1) + "\n")
     (args.out / "results.md").write_text(table_md(rows))

@@ -1,5 +1,6 @@
 import csv
 import json
+import time
 
 import pytest
 import torch
@@ -165,9 +166,12 @@ def test_cuda_measurer_control_flow_without_a_gpu(monkeypatch):
     monkeypatch.setattr(measure, "inference_step", lambda model, images, amp: None)
     monkeypatch.setattr(measure, "estimate_training_peak", lambda cfg, batch: MemoryEstimate(5 * MIB, 4 * MIB))
 
-    def step(model, optimizer, batch, target, cfg, amp):
+    def step(model, optimizer, batch, target, cfg, amp, knn=None):
         if batch > 6:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        time.sleep(0.004)  # the step's own work
+        if knn is not None:  # the loss's searches, timed between synchronisations
+            knn(torch.randn(64, 4), torch.randn(19, 4), 3)
 
     monkeypatch.setattr(measure, "training_step", step)
     measurer = measure.CudaMeasurer(12 * 2**30)
@@ -178,6 +182,10 @@ def test_cuda_measurer_control_flow_without_a_gpu(monkeypatch):
     row = measurer.extra(cfg, 6)
     assert row["estimated_peak_mib"] == 5.0 and row["train_s_per_iter"] >= 0 and row["infer_s_per_img"] >= 0
     assert row["train_s_per_img"] == pytest.approx(row["train_s_per_iter"] / 6, abs=1e-4)
+    assert row["knn_s_per_iter"] > 0 and 0 < row["knn_share"] < 1
+    baseline = cell_config(Config(), method="baseline", num_classes=19, backbone="resnet18", crop=(64, 64),
+                           precision="no")
+    assert "knn_share" not in measurer.extra(baseline, 6)  # no search in the baseline
     with pytest.raises(ValueError):  # anything but out-of-memory propagates
         monkeypatch.setattr(measure, "training_step", lambda *a: (_ for _ in ()).throw(ValueError("bug")))
         measurer.try_batch(cfg, 1)
@@ -201,3 +209,38 @@ def test_profile_cli_ess_full_and_large_c_are_flat(tmp_path):
         assert small["max_batch"] == large["max_batch"] == 1
         assert large["peak_allocated_mib"] <= 1.1 * small["peak_allocated_mib"]
     assert "ESS, full softmax" in (out / "table6.md").read_text()
+
+
+def test_profile_cli_fixed_batch_skips_the_search(tmp_path):
+    out = tmp_path / "profile"
+    result = CliRunner().invoke(app, ["profile", "--device", "meta", "--backbone", "resnet18", "--crop", "64",
+                                      "--classes", "19,1284", "--budget-gib", "0.35", "--batch", "3",
+                                      "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert all(r["max_batch"] is None and len(r["trials"]) == 1 and r["trials"][0]["batch"] == 3 for r in rows)
+    fits = {(r["method"], r["classes"]): r["batch"] for r in rows}
+    # At 64 px and 0.35 GiB the baseline's C = 1284 logits no longer fit 3 images; ESS's do.
+    assert fits == {("baseline", 19): 3, ("baseline", 1284): 0, ("ess", 19): 3, ("ess", 1284): 3}
+    big = next(r for r in rows if r["batch"] == 0)
+    assert big["note"].startswith("batch 3 does not fit in 0.35 GiB (needs ") and big["peak_mib"] is None
+    assert not (out / "figure1.png").exists() and not (out / "table6.md").exists()
+    assert "training at batch 3" in (out / "table7.md").read_text()
+
+
+def test_timed_knn_adds_up_its_calls_and_leaves_the_loss_unchanged():
+    from esskit.config import MethodConfig
+    from esskit.losses import segmentation_loss
+    from esskit.profile.step import TimedKnn
+
+    g = torch.Generator().manual_seed(0)
+    output = {"embeddings": torch.randn(2, 7, 8, 8, generator=g), "class_embeddings": torch.randn(19, 7, generator=g)}
+    target = torch.randint(0, 19, (2, 32, 32), generator=g)
+    syncs = []
+    cfg = build_config({"method": {"k": 4}})
+    timed = TimedKnn.for_config(cfg, lambda: syncs.append(1))
+    plain, _ = segmentation_loss(output, target, MethodConfig(k=4))
+    loss, _ = segmentation_loss(output, target, cfg.method, timed)
+    assert torch.equal(loss, plain)
+    # two searches (pixels' negatives, Eq. 7's nearest classes), each between two synchronisations
+    assert len(syncs) == 4 and timed.seconds > 0

@@ -23,9 +23,12 @@ def norm_layer(norm: str, channels: int) -> nn.Module:
     return nn.BatchNorm2d(channels)
 
 
+GN_GROUP_CHANNELS = 16  # Table 5 caption: "groups of 16-channels for both methods"
+
+
 def _gn_groups(channels: int) -> int:
-    """32 groups where the channel count allows (Wu & He), else the largest divisor below 32."""
-    return next(g for g in range(min(32, channels), 0, -1) if channels % g == 0)
+    """Groups of 16 channels (paper Table 5); the nearest divisor when 16 does not divide."""
+    return next(g for g in range(max(1, channels // GN_GROUP_CHANNELS), 0, -1) if channels % g == 0)
 
 
 def conv_norm_act(cin: int, cout: int, kernel: int, norm: str, dilation: int = 1) -> nn.Sequential:

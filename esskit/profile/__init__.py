@@ -64,7 +64,8 @@ def choose(option, from_recipe, recipe_sets_it: bool, default):
 def default_out_dir(spec: ProfileSpec) -> Path:
     precision = "fp32" if spec.precision == "no" else spec.precision
     crop = f"{spec.crop[0]}" if spec.crop[0] == spec.crop[1] else f"{spec.crop[0]}x{spec.crop[1]}"
-    return Path("profiling/results") / f"{spec.backbone}-{crop}-{precision}-{spec.device}"
+    batch = f"-b{spec.batch}" if spec.batch else ""
+    return Path("profiling/results") / f"{spec.backbone}-{crop}-{precision}{batch}-{spec.device}"
 
 
 def make_backend(spec: ProfileSpec):
@@ -88,7 +89,7 @@ def run_profile(spec: ProfileSpec, out_dir: Path) -> list[dict]:
         rows = profile_grid(spec, backend, table.update)
     settings = {
         "backbone": spec.backbone, "crop": f"{spec.crop[0]}x{spec.crop[1]}", "precision": spec.precision,
-        "budget_gib": spec.budget_gib, "classes": spec.classes, "methods": spec.methods,
+        "budget_gib": spec.budget_gib, "classes": spec.classes, "methods": spec.methods, "batch": spec.batch,
         "source": backend.source, "device_name": backend.device_name, "max_batch_limit": spec.max_batch,
         "embed_dim": spec.base.model.embed_dim, "k": spec.base.method.k,
         "knn_chunk_mib": spec.base.method.knn_chunk_mib, "loss_chunk_mib": spec.base.method.loss_chunk_mib,
@@ -104,7 +105,7 @@ def run_profile(spec: ProfileSpec, out_dir: Path) -> list[dict]:
 
 def spec_from_options(base: Config, recipe_keys: set[str], *, classes: str, methods: str, backbone: str | None,
                       crop: str | None, budget_gib: float, precision: str | None, device: str | None,
-                      max_batch: int) -> ProfileSpec:
+                      max_batch: int, batch: int = 0) -> ProfileSpec:
     """The CLI's options over a recipe; `recipe_keys` are the section.key names the recipe or --set gave."""
     size = parse_crop(crop) if crop is not None else None
     recipe_crop = tuple(base.data.crop)
@@ -117,5 +118,6 @@ def spec_from_options(base: Config, recipe_keys: set[str], *, classes: str, meth
         precision=choose(precision, base.train.mixed_precision, "train.mixed_precision" in recipe_keys, "no"),
         device=device or ("cuda" if torch.cuda.is_available() else "meta"),
         max_batch=max_batch,
+        batch=batch,
         base=base,
     )

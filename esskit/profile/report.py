@@ -44,12 +44,13 @@ class LiveTable:
         s = self.spec
         table = Table(title=f"esskit profile · {s.backbone} · crop {s.crop[0]}x{s.crop[1]} · {s.precision} · "
                             f"budget {s.budget_gib:g} GiB · {s.device}")
-        for name in ("method", "C", "max batch", "peak MiB", "train s/iter", "infer s/img", "source", "status"):
+        batch = f"batch {s.batch}" if s.batch else "max batch"
+        for name in ("method", "C", batch, "peak MiB", "train s/iter", "kNN share", "infer s/img", "source", "status"):
             table.add_column(name, justify="left" if name in ("method", "source", "status") else "right")
         for row in self.rows.values():
-            table.add_row(row["method"], str(row["classes"]), _cell(row["max_batch"]), _cell(row["peak_mib"]),
-                          _cell(row["train_s_per_iter"]), _cell(row["infer_s_per_img"]), row["source"],
-                          row.get("note") or row.get("status", ""))
+            table.add_row(row["method"], str(row["classes"]), _cell(row["batch"]), _cell(row["peak_mib"]),
+                          _cell(row["train_s_per_iter"]), _cell(row.get("knn_share")), _cell(row["infer_s_per_img"]),
+                          row["source"], row.get("note") or row.get("status", ""))
         return table
 
     def __exit__(self, *exc):
@@ -62,7 +63,8 @@ def _cell(value) -> str:
 
 
 def write_results(rows: list[dict], settings: dict, out_dir: Path) -> list[Path]:
-    """results.csv, results.json, figure1.png, table6.md, table7.md in `out_dir`."""
+    """results.csv, results.json, table7.md and, when the max batch was searched (no --batch),
+    figure1.png and table6.md in `out_dir`."""
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, COLUMNS, extrasaction="ignore")
@@ -70,10 +72,13 @@ def write_results(rows: list[dict], settings: dict, out_dir: Path) -> list[Path]
         writer.writerows(rows)
     payload = {"settings": settings, "columns": list(COLUMNS), "rows": rows}
     (out_dir / "results.json").write_text(json.dumps(json_safe(payload), indent=1) + "\n")
-    plot_figure1(rows, settings, out_dir / "figure1.png")
-    (out_dir / "table6.md").write_text(table6(rows, settings))
     (out_dir / "table7.md").write_text(table7(rows, settings))
-    return [out_dir / n for n in ("results.csv", "results.json", "figure1.png", "table6.md", "table7.md")]
+    names = ["results.csv", "results.json", "table7.md"]
+    if not settings.get("batch"):
+        plot_figure1(rows, settings, out_dir / "figure1.png")
+        (out_dir / "table6.md").write_text(table6(rows, settings))
+        names += ["figure1.png", "table6.md"]
+    return [out_dir / n for n in names]
 
 
 def _title(settings: dict) -> str:
@@ -144,18 +149,24 @@ def table6(rows: list[dict], settings: dict) -> str:
 
 
 def table7(rows: list[dict], settings: dict) -> str:
-    """Paper Table 7 (inference s/img, training s/iter) with esskit's numbers beside it."""
+    """Paper Table 7 (inference s/img, training s/iter) with esskit's numbers beside it, the
+    training time per image as a ratio to the baseline's at the same C, and the kNN's share."""
+    at = f"batch {settings['batch']}" if settings.get("batch") else "the max batch"
     lines = [f"# Table 7: inference and training time\n",
-             f"esskit: {_title(settings)}; inference on one crop-sized image, training at the max batch.\n",
+             f"esskit: {_title(settings)}; inference on one crop-sized image, training at {at}.\n",
              "| dataset (C) | model | paper inference (s/img) | paper training (s/iter) | esskit inference (s/img) "
-             "| esskit training (s/iter) | esskit training (s/img) | esskit batch | source |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| esskit training (s/iter) | esskit training (s/img) | × baseline (s/img) | kNN share | esskit batch "
+             "| source |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in _by_classes(rows):
         dataset, paper = _paper_columns(row["classes"], row["method"])
+        base = next((r["train_s_per_img"] for r in rows if r["method"] == "baseline" and r["classes"] == row["classes"]),
+                    None)
+        ratio = round(row["train_s_per_img"] / base, 2) if base and row["train_s_per_img"] else None
+        share = None if row.get("knn_share") is None else f"{100 * row['knn_share']:.1f} %"
         lines.append(f"| {dataset} | {METHOD_NAMES[row['method']]} | {_fmt(paper and paper[2], None)} | "
                      f"{_fmt(paper and paper[3], None)} | {_fmt(row['infer_s_per_img'], 3)} | "
-                     f"{_fmt(row['train_s_per_iter'])} | {_fmt(row['train_s_per_img'], 3)} | {row['max_batch']} | "
-                     f"{row['source']} |")
+                     f"{_fmt(row['train_s_per_iter'])} | {_fmt(row['train_s_per_img'], 3)} | {_fmt(ratio)} | "
+                     f"{_fmt(share)} | {row['batch']} | {row['source']} |")
     text = "\n".join(lines) + "\n\n"
     if any(r["source"] == "estimated" for r in rows):
         text += "Estimated rows have no times: fake tensors do no arithmetic. Run `--device cuda` on a GPU.\n\n"

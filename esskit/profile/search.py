@@ -21,9 +21,10 @@ METHODS = ("baseline", "ess", "ess_full")
 DEVICES = ("meta", "cuda")
 PRECISIONS = ("no", "fp16", "bf16")
 # One row per (method, C) in results.csv, in this order (results.json rows add the trials).
-COLUMNS = ("device", "method", "backbone", "classes", "crop", "precision", "budget_gib", "max_batch",
-           "peak_mib", "peak_allocated_mib", "train_s_per_iter", "train_s_per_img", "infer_s_per_img",
-           "source", "estimated_peak_mib", "note")
+# `batch` is where peak and times were taken: the max batch, or --batch (then max_batch is empty).
+COLUMNS = ("device", "method", "backbone", "classes", "crop", "precision", "budget_gib", "max_batch", "batch",
+           "peak_mib", "peak_allocated_mib", "train_s_per_iter", "train_s_per_img", "knn_s_per_iter", "knn_share",
+           "infer_s_per_img", "source", "estimated_peak_mib", "note")
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,7 @@ class ProfileSpec:
     precision: str = "no"  # train.mixed_precision: "no", "fp16" or "bf16"
     device: str = "meta"  # "meta": estimate on the CPU; "cuda": measure on the GPU
     max_batch: int = 256  # the search stops here
+    batch: int = 0  # > 0: no search; peak and times at this batch (equal-batch comparisons)
     base: Config = field(default_factory=Config)  # recipe and --set values for everything else
 
     def __post_init__(self):
@@ -93,8 +95,8 @@ class ProfileSpec:
             raise ConfigError(f"--device {self.device!r} is not one of {', '.join(DEVICES)}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"--mixed-precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
-        if self.budget_gib <= 0 or self.max_batch < 1 or min(self.crop) < 1:
-            raise ConfigError("--budget-gib, --max-batch and --crop must be positive")
+        if self.budget_gib <= 0 or self.max_batch < 1 or min(self.crop) < 1 or self.batch < 0:
+            raise ConfigError("--budget-gib, --max-batch, --batch and --crop must be positive")
 
     @property
     def budget_bytes(self) -> int:
@@ -111,7 +113,7 @@ class Backend(Protocol):
 
     def try_batch(self, cfg: Config, batch: int) -> Trial: ...
 
-    def extra(self, cfg: Config, batch: int) -> dict: ...  # timings etc. at the max batch
+    def extra(self, cfg: Config, batch: int) -> dict: ...  # timings etc. at that batch (none when 0)
 
 
 def profile_grid(spec: ProfileSpec, backend: Backend, on_update: Callable[[dict], None]) -> list[dict]:
@@ -136,8 +138,14 @@ def profile_cell(spec: ProfileSpec, backend: Backend, method: str, num_classes: 
         verdict = "fits" if trial.fits else "too big"
         on_update({**row, "status": f"batch {trial.batch} {verdict} ({_mib(trial.peak_bytes)} MiB)"})
 
-    best, trials = max_batch_size(lambda batch: backend.try_batch(cfg, batch), spec.max_batch, show)
-    row["max_batch"] = best
+    if spec.batch:
+        trials = [backend.try_batch(cfg, spec.batch)]
+        show(trials[0])
+        best = spec.batch if trials[0].fits else 0
+    else:
+        best, trials = max_batch_size(lambda batch: backend.try_batch(cfg, batch), spec.max_batch, show)
+        row["max_batch"] = best
+    row["batch"] = best
     at_best = next((t for t in reversed(trials) if t.batch == best), None)
     if at_best is not None:
         row["peak_mib"] = _mib(at_best.peak_bytes)
@@ -153,6 +161,10 @@ def profile_cell(spec: ProfileSpec, backend: Backend, method: str, num_classes: 
 
 
 def _note(spec: ProfileSpec, best: int, trials: list[Trial]) -> str:
+    if spec.batch and best == 0:
+        needed = trials[0].peak_bytes
+        return (f"batch {spec.batch} does not fit in {spec.budget_gib:g} GiB" +
+                (f" (needs {needed / GIB:.1f} GiB)" if needed else " (out of memory)"))
     if best == 0:
         needed = trials[0].peak_bytes if trials else None
         if needed is None:

@@ -9,12 +9,15 @@ to fp32, the loss outside autocast, and a GradScaler for fp16.
 from __future__ import annotations
 
 import contextlib
+import time
+from typing import Callable
 
 import torch
 from accelerate.utils import convert_to_fp32
 
 from esskit.config import Config, build_config, config_to_dict
 from esskit.engine import model_from_config
+from esskit.knn import knn_backend
 from esskit.losses import segmentation_loss
 from esskit.models import predict_labels
 from esskit.optim import build_optimizer
@@ -83,10 +86,34 @@ def synthetic_batch(cfg: Config, batch: int, device) -> tuple[torch.Tensor, torc
     return images, target
 
 
+class TimedKnn:
+    """A kNN search that adds up the wall time spent inside it. `sync` (torch.cuda.synchronize on
+    a GPU) runs before and after each call, so the time is that of the search's own kernels, not
+    of the forward queued before it."""
+
+    def __init__(self, knn, sync: Callable[[], None] | None = None):
+        self.knn, self.sync, self.seconds = knn, sync, 0.0
+
+    def __call__(self, queries, keys, k):
+        if self.sync:
+            self.sync()
+        start = time.perf_counter()
+        out = self.knn(queries, keys, k)
+        if self.sync:
+            self.sync()
+        self.seconds += time.perf_counter() - start
+        return out
+
+    @classmethod
+    def for_config(cls, cfg: Config, sync: Callable[[], None] | None = None) -> "TimedKnn":
+        return cls(knn_backend(cfg.method.knn, cfg.method.knn_chunk_mib * 2**20), sync)
+
+
 def training_step(model, optimizer, images: torch.Tensor, target: torch.Tensor, cfg: Config,
-                  amp: MixedPrecision) -> None:
-    """One optimizer step as `esskit.engine.train` runs it with grad_accum = 1."""
-    loss, _ = segmentation_loss(amp.forward(model, images), target, cfg.method)
+                  amp: MixedPrecision, knn=None) -> None:
+    """One optimizer step as `esskit.engine.train` runs it with grad_accum = 1 (`knn`: see
+    `segmentation_loss`)."""
+    loss, _ = segmentation_loss(amp.forward(model, images), target, cfg.method, knn)
     amp.backward(loss)
     amp.step(optimizer)
     optimizer.zero_grad(set_to_none=True)
