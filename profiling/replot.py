@@ -9,5 +9,7 @@ from esskit.profile.report import write_results
 
 for folder in map(Path, sys.argv[1:]):
     payload = json.loads((folder / "results.json").read_text())
+    for row in payload["rows"]:  # results written before `--batch` existed: taken at the max batch
+        row.setdefault("batch", row["max_batch"])
     write_results(payload["rows"], payload["settings"], folder)
     print(f"rewrote {folder}")

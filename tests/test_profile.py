@@ -110,12 +110,17 @@ def test_estimated_ess_memory_is_flat_in_classes_while_baseline_grows():
     assert abs(ess_large - ess_small) < 0.01 * ess_small
 
 
-def test_profile_cli_writes_results_with_the_right_columns(tmp_path):
+def _profile_tiny(tmp_path, *options: str):
+    """`esskit profile` estimating resnet18 at 64 px in a 0.35 GiB budget; returns its output folder."""
     out = tmp_path / "profile"
     result = CliRunner().invoke(app, ["profile", "--device", "meta", "--backbone", "resnet18", "--crop", "64",
-                                      "--classes", "19,150", "--budget-gib", "0.35", "--max-batch", "2",
-                                      "--out", str(out)])
+                                      "--budget-gib", "0.35", *options, "--out", str(out)])
     assert result.exit_code == 0, result.output
+    return out
+
+
+def test_profile_cli_writes_results_with_the_right_columns(tmp_path):
+    out = _profile_tiny(tmp_path, "--classes", "19,150", "--max-batch", "2")
     with open(out / "results.csv") as f:
         reader = csv.DictReader(f)
         rows = list(reader)
@@ -195,12 +200,8 @@ def test_profile_cli_ess_full_and_large_c_are_flat(tmp_path):
     # ess and ess_full at C = 19 and 100,000: the estimate runs without boolean-mask help (the lean
     # losses have none) and the peak at equal batch stays within 10 % of C = 19 (1 MiB kNN blocks:
     # at this tiny crop the default 64 MiB block would be a large share of the step).
-    out = tmp_path / "profile"
-    result = CliRunner().invoke(app, ["profile", "--device", "meta", "--backbone", "resnet18", "--crop", "64",
-                                      "--classes", "19,100000", "--methods", "ess,ess_full", "--budget-gib", "0.35",
-                                      "--max-batch", "1", "--set", "method.knn_chunk_mib=1",
-                                      "--set", "method.loss_chunk_mib=1", "--out", str(out)])
-    assert result.exit_code == 0, result.output
+    out = _profile_tiny(tmp_path, "--classes", "19,100000", "--methods", "ess,ess_full", "--max-batch", "1",
+                        "--set", "method.knn_chunk_mib=1", "--set", "method.loss_chunk_mib=1")
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert [(r["method"], r["classes"]) for r in rows] == [("ess", 19), ("ess", 100000), ("ess_full", 19),
                                                           ("ess_full", 100000)]
@@ -212,11 +213,7 @@ def test_profile_cli_ess_full_and_large_c_are_flat(tmp_path):
 
 
 def test_profile_cli_fixed_batch_skips_the_search(tmp_path):
-    out = tmp_path / "profile"
-    result = CliRunner().invoke(app, ["profile", "--device", "meta", "--backbone", "resnet18", "--crop", "64",
-                                      "--classes", "19,1284", "--budget-gib", "0.35", "--batch", "3",
-                                      "--out", str(out)])
-    assert result.exit_code == 0, result.output
+    out = _profile_tiny(tmp_path, "--classes", "19,1284", "--batch", "3")
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert all(r["max_batch"] is None and len(r["trials"]) == 1 and r["trials"][0]["batch"] == 3 for r in rows)
     fits = {(r["method"], r["classes"]): r["batch"] for r in rows}

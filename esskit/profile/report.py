@@ -166,7 +166,7 @@ def table7(rows: list[dict], settings: dict) -> str:
         lines.append(f"| {dataset} | {METHOD_NAMES[row['method']]} | {_fmt(paper and paper[2], None)} | "
                      f"{_fmt(paper and paper[3], None)} | {_fmt(row['infer_s_per_img'], 3)} | "
                      f"{_fmt(row['train_s_per_iter'])} | {_fmt(row['train_s_per_img'], 3)} | {_fmt(ratio)} | "
-                     f"{_fmt(share)} | {row['batch']} | {row['source']} |")
+                     f"{_fmt(share)} | {row.get('batch', row['max_batch'])} | {row['source']} |")
     text = "\n".join(lines) + "\n\n"
     if any(r["source"] == "estimated" for r in rows):
         text += "Estimated rows have no times: fake tensors do no arithmetic. Run `--device cuda` on a GPU.\n\n"
