@@ -1,0 +1,175 @@
+"""Synthetic accuracy study: baseline vs ESS vs ess_full at C = 19, 150, 1284, and the paper's
+ablations (Tables 2, 3 and 5) run on the embedded synthetic dataset.
+
+    python profiling/accuracy_study.py                          # every row, about 1 h on 2 CPU cores
+    python profiling/accuracy_study.py --groups methods --out /tmp/study --set train.steps=50
+
+Every row is recipes/synthetic.toml + COMMON + the row's keys + --set. The ablation rows take
+their keys from recipes/ablations/*.toml (the [method] section, model.norm/embed_dim and
+train.batch_size/grad_accum), so the synthetic study flips exactly the switches of the real
+ablation recipes; only the data, backbone, crop and schedule are the synthetic ones. A row whose
+run directory already holds eval.json is read, not rerun, so an interrupted study continues.
+Writes results.csv, results.json, results.md and accuracy_study.png into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import time
+import tomllib
+from pathlib import Path
+
+import torch
+
+from esskit import engine
+from esskit.config import load_config
+from esskit.errors import TrainingError
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "synthetic.toml"
+ABLATIONS = ROOT / "recipes" / "ablations"
+
+# A from-scratch ResNet18 at 64 px: the backbone trains at the base lr (backbone_lr_mult = 0.1 is
+# for ImageNet-pretrained backbones), each method at its best base lr of the 300-step sweep in
+# results/synthetic-study/lr_sweep.csv (ESS's is 30x lower than the baseline's; profiling/README.md).
+COMMON = ["data.crop=[64,64]", "data.base_size=[64,64]", "data.synthetic_image_size=64", "train.steps=300",
+          "train.log_every=25", "train.save_every=0", "train.keep_checkpoints=1", "optim.backbone_lr_mult=1.0"]
+BEST_LR = {"baseline": "optim.lr=0.01", "ess": "optim.lr=0.0003", "ess_full": "optim.lr=0.0003"}
+# Table 1: (C, d, k) per dataset size; the synthetic stand-ins for Cityscapes, ADE20k, COCO+LVIS.
+TABLE1 = {19: (7, 6), 150: (12, 7), 1284: (12, 8)}
+COLUMNS = ("group", "row", "method", "classes", "mIoU", "fwIoU", "pAcc", "mAcc", "final_loss", "steps",
+           "images_per_step", "train_s", "overrides", "note")
+
+
+def method_rows() -> list[tuple[str, str, list[str]]]:
+    rows = []
+    for c, (d, k) in TABLE1.items():
+        for method in ("baseline", "ess", "ess_full"):
+            rows.append(("methods", f"c{c}_{method}", [f"data.num_classes={c}", f"model.embed_dim={d}",
+                                                       f"method.k={k}", f"method.name={method}"]))
+    # The same two runs with another seed: the size of run-to-run noise.
+    rows += [("methods", f"{name}_seed1", keys + ["train.seed=1"]) for _, name, keys in rows[:2]]
+    return rows
+
+
+def recipe_keys(path: Path) -> list[str]:
+    """The ablation switches of a real recipe, as --set overrides."""
+    raw = tomllib.loads(path.read_text())
+    keys = [f"method.{k}={_toml(v)}" for k, v in raw.get("method", {}).items()]
+    keys += [f"model.{k}={_toml(raw['model'][k])}" for k in ("norm", "embed_dim") if k in raw.get("model", {})]
+    keys += [f"train.{k}={_toml(raw['train'][k])}" for k in ("batch_size", "grad_accum") if k in raw.get("train", {})]
+    keys.append(f"data.num_classes={raw['data']['num_classes']}")
+    return keys
+
+
+def _toml(value) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    return json.dumps(value) if isinstance(value, str) else str(value)
+
+
+def ablation_rows() -> list[tuple[str, str, list[str]]]:
+    rows = []
+    for path in sorted(ABLATIONS.glob("*.toml")):
+        group = path.stem.split("_")[0]  # table2 / table3 / table5
+        rows.append((group, path.stem, recipe_keys(path)))
+    # Table 5's reference rows: the same batches without GA or GN.
+    for method, batch in (("baseline", 2), ("ess", 10)):
+        keys = recipe_keys(ABLATIONS / f"table5_coco_lvis_{method}_ga.toml")
+        rows.append(("table5", f"table5_coco_lvis_{method}", [k for k in keys if not k.startswith("train.grad_accum")]
+                     + ["train.grad_accum=1", f"train.batch_size={batch}"]))
+    return sorted(rows, key=lambda r: (r[0], r[1]))
+
+
+def run_row(group: str, name: str, keys: list[str], out: Path, extra: list[str]) -> dict:
+    run_dir = out / name
+    method = next((k.split("=", 1)[1].strip('"') for k in keys if k.startswith("method.name=")), "ess")
+    overrides = COMMON + [BEST_LR[method]] + keys + extra
+    cfg = load_config(RECIPE, overrides)
+    start = time.time()
+    row = {"group": group, "row": name, "method": cfg.method.name, "classes": cfg.data.num_classes,
+           "steps": cfg.train.steps, "images_per_step": cfg.train.batch_size * cfg.train.grad_accum,
+           "overrides": " ".join(keys + extra)}
+    if (run_dir / "diverged.txt").exists():
+        return {**row, "note": (run_dir / "diverged.txt").read_text().strip()}
+    if not (run_dir / "eval.json").exists():
+        try:
+            engine.train(cfg, run_dir)
+        except TrainingError as error:  # a NaN loss is a result of the ablation, not a crash of the study
+            (run_dir / "diverged.txt").write_text(f"{error}\n")
+            return {**row, "note": str(error)}
+    metrics = json.loads((run_dir / "eval.json").read_text())
+    logs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [r for r in logs if "loss" in r]
+    return {**row, **{k: round(100 * metrics[k], 2) for k in ("mIoU", "fwIoU", "pAcc", "mAcc")},
+            "final_loss": round(losses[-1]["loss"], 4), "train_s": round(losses[-1]["s_per_step"] * cfg.train.steps),
+            "note": "", "_wall": round(time.time() - start)}
+
+
+def table_md(rows: list[dict]) -> str:
+    lines = ["| group | row | method | C | images/step | mIoU | fwIoU | pAcc | mAcc | final loss |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "mIoU" not in r:
+            lines.append(f"| {r['group']} | {r['row']} | {r['method']} | {r['classes']} | {r['images_per_step']} | "
+                         f"diverged | | | | |")
+            continue
+        lines.append(f"| {r['group']} | {r['row']} | {r['method']} | {r['classes']} | {r['images_per_step']} | "
+                     f"{r['mIoU']:.1f} | {r['fwIoU']:.1f} | {r['pAcc']:.1f} | {r['mAcc']:.1f} | {r['final_loss']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 0.28 * len(rows) + 1.2), dpi=120)
+    groups = sorted({r["group"] for r in rows})
+    colors = {g: f"C{i}" for i, g in enumerate(groups)}
+    y = range(len(rows))
+    ax.barh(list(y), [r.get("mIoU", 0) for r in rows], color=[colors[r["group"]] for r in rows])
+    ax.set_yticks(list(y), [r["row"] for r in rows], fontsize=7)
+    ax.invert_yaxis()
+    for i, r in enumerate(rows):
+        ax.text(r.get("mIoU", 0) + 0.5, i, f"{r['mIoU']:.1f}" if "mIoU" in r else "diverged", va="center", fontsize=6)
+    ax.set_xlabel("mIoU (%) on the synthetic validation split")
+    ax.set_title(title, fontsize=8)
+    ax.grid(True, axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--groups", default="methods,table2,table3,table5")
+    parser.add_argument("--out", type=Path, default=ROOT / "profiling" / "results" / "synthetic-study")
+    parser.add_argument("--set", action="append", default=[], dest="extra", help="extra override for every row")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    wanted = args.groups.split(",")
+    todo = [r for r in method_rows() + ablation_rows() if r[0] in wanted]
+    rows = []
+    for group, name, keys in todo:
+        rows.append(run_row(group, name, keys, args.out, args.extra))
+        print(json.dumps({k: rows[-1].get(k) for k in ("row", "mIoU", "pAcc", "final_loss", "_wall", "note")}),
+              flush=True)
+    with open(args.out / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    settings = {"recipe": str(RECIPE.relative_to(ROOT)), "common": COMMON, "best_lr": BEST_LR, "extra": args.extra,
+                "torch": torch.__version__, "threads": args.threads}
+    (args.out / "results.json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=1) + "\n")
+    (args.out / "results.md").write_text(table_md(rows))
+    plot(rows, args.out / "accuracy_study.png", "recipes/synthetic.toml, ResNet18 from scratch, 64 px, "
+         f"{rows[0]['steps'] if rows else 0} steps, one seed")
+
+
+if __name__ == "__main__":
+    main()
