@@ -133,24 +133,18 @@ def test_invalid_value_raises_naming_key(override, needle):
         load_config(None, [override])
 
 
-def test_unknown_section_suggests(tmp_path):
-    path = _write(tmp_path, "[modle]\nbackbone = 'resnet18'\n")
+@pytest.mark.parametrize("recipe, names, override, pattern", [
+    ("[modle]\nbackbone = 'resnet18'\n", ["modle", "did you mean 'model'"], "methd.k=3", "did you mean 'method'"),
+    ("[method]\nmargn = 0.3\n", ["method.margn", "did you mean 'margin'"], "train.step=3",
+     r"train\.step.*did you mean 'steps'"),
+])
+def test_unknown_section_or_key_suggests(tmp_path, recipe, names, override, pattern):
+    path = _write(tmp_path, recipe)
     with pytest.raises(ConfigError) as err:
         load_config(path)
-    msg = str(err.value)
-    assert "modle" in msg and "did you mean 'model'" in msg and str(path) in msg
-    with pytest.raises(ConfigError, match="did you mean 'method'"):
-        load_config(None, ["methd.k=3"])
-
-
-def test_unknown_key_suggests(tmp_path):
-    path = _write(tmp_path, "[method]\nmargn = 0.3\n")
-    with pytest.raises(ConfigError) as err:
-        load_config(path)
-    msg = str(err.value)
-    assert "method.margn" in msg and "did you mean 'margin'" in msg and str(path) in msg
-    with pytest.raises(ConfigError, match=r"train\.step.*did you mean 'steps'"):
-        load_config(None, ["train.step=3"])
+    assert all(name in str(err.value) for name in [*names, str(path)])
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(None, [override])
 
 
 def test_bad_override_syntax():
