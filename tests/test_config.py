@@ -194,3 +194,23 @@ def test_save_config_round_trip(tmp_path, overrides):
     for section in dataclasses.fields(Config):
         names = {f.name for f in dataclasses.fields(getattr(cfg, section.name))}
         assert set(raw[section.name]) == names
+
+
+def test_accuracy_study_applies_every_ablation_recipe_to_the_synthetic_data():
+    """profiling/accuracy_study.py turns each recipes/ablations/*.toml into --set overrides of the
+    synthetic recipe: every one must load, keep its switches and stay on synthetic data."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("accuracy_study", root / "profiling" / "accuracy_study.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    rows = study.method_rows() + study.ablation_rows()
+    assert len({name for _, name, _ in rows}) == len(rows) == 11 + 11 + 2
+    for _, name, keys in rows:
+        method = next((k.split("=", 1)[1].strip('"') for k in keys if k.startswith("method.name=")), "ess")
+        cfg = load_config(study.RECIPE, study.COMMON + [study.BEST_LR[method]] + keys)
+        assert cfg.data.name == "synthetic" and cfg.data.crop == [64, 64] and cfg.method.name == method, name
+    random = load_config(study.RECIPE, dict((n, k) for _, n, k in rows)["table3_random"])
+    assert random.method.negatives == "random" and random.method.normalize is False
+    assert random.method.margin_weight == 0.0 and random.train.batch_size == 10
