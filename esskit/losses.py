@@ -152,17 +152,38 @@ def pixels_last(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
 
 
+@torch.no_grad()
+def shared_neighbours(emb: torch.Tensor, up: torch.Tensor, class_emb: torch.Tensor, k: int, *, knn_at: str,
+                      knn_block: int, knn=knn_exact, normalize: bool = True) -> GridNeighbours | None:
+    """The k+1 nearest classes searched once per stride-4 decoder pixel (`knn_at = "feature"`) or per
+    b x b block of label pixels (`knn_block = b`) of `emb` [B, d, h, w] / `up` (it at label size);
+    None for the paper's one search per label pixel."""
+    if knn_at == "label" and knn_block == 1:
+        return None
+    mu = unit(class_emb.detach().float(), normalize)
+    if knn_at == "feature":
+        return feature_neighbours(emb, up.shape[-2:], mu, k + 1, knn, normalize)
+    return block_neighbours(up, knn_block, mu, k + 1, knn, normalize)
+
+
+@torch.no_grad()
+def negatives_differ(x: torch.Tensor, mu: torch.Tensor, target: torch.Tensor, k: int, neighbours: GridNeighbours,
+                     *, rows: int, knn=knn_exact) -> torch.Tensor:
+    """[N] bool: label pixels (not ignore) whose set of k negatives from the shared `neighbours`
+    differs from the exact per-pixel search's."""
+    exact = ess_candidates(x, mu, target, k, rows=rows, knn=knn)[:, 1:].sort(1).values
+    shared = ess_candidates(x, mu, target, k, rows=rows, knn=knn, neighbours=neighbours)[:, 1:].sort(1).values
+    return (exact != shared).any(1) & (target != IGNORE_INDEX)
+
+
 def ess_paper_loss(emb: torch.Tensor, class_emb: torch.Tensor, target: torch.Tensor, cfg: MethodConfig,
                knn) -> torch.Tensor:
     """Eq. 6 at label resolution, with the kNN per label pixel or shared (method.knn_at / knn_block)."""
     up = upsample(emb, target.shape[-2:])
     neighbours = None
-    if cfg.negatives == "nearest" and (cfg.knn_at == "feature" or cfg.knn_block > 1):
-        mu = unit(class_emb.detach().float(), cfg.normalize)
-        if cfg.knn_at == "feature":
-            neighbours = feature_neighbours(emb, target.shape[-2:], mu, cfg.k + 1, knn, cfg.normalize)
-        else:
-            neighbours = block_neighbours(up, cfg.knn_block, mu, cfg.k + 1, knn, cfg.normalize)
+    if cfg.negatives == "nearest":
+        neighbours = shared_neighbours(emb, up, class_emb, cfg.k, knn_at=cfg.knn_at, knn_block=cfg.knn_block,
+                                       knn=knn, normalize=cfg.normalize)
     return ess_loss(pixels_last(up), class_emb, target.reshape(-1), cfg.k, cfg.tau, negatives=cfg.negatives,
                     normalize=cfg.normalize, knn=knn, neighbours=neighbours,
                     chunk_bytes=cfg.loss_chunk_mib * 2**20)

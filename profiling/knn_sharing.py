@@ -23,8 +23,7 @@ from esskit.checkpoint import find_checkpoint, load_weights
 from esskit.config import load_config
 from esskit.data import IGNORE_INDEX, build_dataset
 from esskit.engine import model_from_config
-from esskit.knn import block_neighbours, feature_neighbours
-from esskit.losses import ess_candidates, pixels_last, upsample
+from esskit.losses import negatives_differ, pixels_last, shared_neighbours, upsample
 
 OPTIONS = {"knn_at=feature": ("feature", 1), "knn_block=2": ("label", 2), "knn_block=4": ("label", 4)}
 
@@ -42,14 +41,10 @@ def differing_fraction(run_dir: Path, max_images: int) -> dict:
         emb = model(image[None])["embeddings"].float()
         up = upsample(emb, target.shape[-2:])
         x, t = pixels_last(up), target.reshape(-1)
-        keep = t != IGNORE_INDEX
-        exact = ess_candidates(x, mu, t, k, rows=2**16)[:, 1:].sort(1).values
         for name, (at, block) in OPTIONS.items():
-            shared = (feature_neighbours(emb, target.shape[-2:], mu, k + 1) if at == "feature"
-                      else block_neighbours(up, block, mu, k + 1))
-            approx = ess_candidates(x, mu, t, k, rows=2**16, neighbours=shared)[:, 1:].sort(1).values
-            counts[name] += int((exact != approx).any(1)[keep].sum())
-        total += int(keep.sum())
+            shared = shared_neighbours(emb, up, model.head.class_embeddings, k, knn_at=at, knn_block=block)
+            counts[name] += int(negatives_differ(x, mu, t, k, shared, rows=2**16).sum())
+        total += int((t != IGNORE_INDEX).sum())
     return {name: round(n / total, 4) for name, n in counts.items()} | {"pixels": total, "k": k,
                                                                        "classes": cfg.data.num_classes}
 

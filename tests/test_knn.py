@@ -182,3 +182,22 @@ def test_blockwise_constant_embeddings_give_the_per_pixel_lists():
     shared = block_neighbours(emb, 2, keys, 6)
     per_pixel = knn_exact(torch.nn.functional.normalize(emb.permute(0, 2, 3, 1).reshape(-1, 4), dim=1), keys, 6)[1]
     assert torch.equal(_all_lookups(shared, 48), per_pixel)
+
+
+def test_shared_neighbours_and_negatives_differ_against_the_exact_search():
+    from esskit.data import IGNORE_INDEX
+    from esskit.losses import negatives_differ, pixels_last, shared_neighbours
+
+    g = torch.Generator().manual_seed(3)
+    emb = torch.randn(2, 5, 8, 8, generator=g)
+    class_emb = torch.randn(30, 5, generator=g)
+    target = torch.randint(0, 30, (2 * 8 * 8,), generator=g)
+    target[::7] = IGNORE_INDEX
+    mu = torch.nn.functional.normalize(class_emb, dim=1)
+    assert shared_neighbours(emb, emb, class_emb, 4, knn_at="label", knn_block=1) is None
+    # Features at label size: each label pixel is its own cell, so the shared search is the exact one.
+    same = shared_neighbours(emb, emb, class_emb, 4, knn_at="feature", knn_block=1)
+    assert not negatives_differ(pixels_last(emb), mu, target, 4, same, rows=37).any()
+    blocks = shared_neighbours(emb, emb, class_emb, 4, knn_at="label", knn_block=4)
+    differ = negatives_differ(pixels_last(emb), mu, target, 4, blocks, rows=37)
+    assert differ.any() and not differ[target == IGNORE_INDEX].any()
