@@ -83,11 +83,15 @@ def ablation_rows() -> list[tuple[str, str, list[str]]]:
     return sorted(rows, key=lambda r: (r[0], r[1]))
 
 
+def row_config(keys: list[str], extra: list[str] = ()):
+    """The synthetic recipe with COMMON, the row method's best lr, the row's keys and `extra`."""
+    method = next((k.split("=", 1)[1].strip('"') for k in keys if k.startswith("method.name=")), "ess")
+    return load_config(RECIPE, COMMON + [BEST_LR[method]] + keys + list(extra))
+
+
 def run_row(group: str, name: str, keys: list[str], out: Path, extra: list[str]) -> dict:
     run_dir = out / name
-    method = next((k.split("=", 1)[1].strip('"') for k in keys if k.startswith("method.name=")), "ess")
-    overrides = COMMON + [BEST_LR[method]] + keys + extra
-    cfg = load_config(RECIPE, overrides)
+    cfg = row_config(keys, extra)
     start = time.time()
     row = {"group": group, "row": name, "method": cfg.method.name, "classes": cfg.data.num_classes,
            "steps": cfg.train.steps, "images_per_step": cfg.train.batch_size * cfg.train.grad_accum,

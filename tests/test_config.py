@@ -208,9 +208,10 @@ def test_accuracy_study_applies_every_ablation_recipe_to_the_synthetic_data():
     rows = study.method_rows() + study.ablation_rows()
     assert len({name for _, name, _ in rows}) == len(rows) == 11 + 11 + 2
     for _, name, keys in rows:
-        method = next((k.split("=", 1)[1].strip('"') for k in keys if k.startswith("method.name=")), "ess")
-        cfg = load_config(study.RECIPE, study.COMMON + [study.BEST_LR[method]] + keys)
+        cfg = study.row_config(keys)
+        method = "baseline" if "baseline" in name else "ess_full" if "ess_full" in name else "ess"
         assert cfg.data.name == "synthetic" and cfg.data.crop == [64, 64] and cfg.method.name == method, name
+        assert cfg.optim.lr == (0.01 if method == "baseline" else 0.0003), name
     random = load_config(study.RECIPE, dict((n, k) for _, n, k in rows)["table3_random"])
     assert random.method.negatives == "random" and random.method.normalize is False
     assert random.method.margin_weight == 0.0 and random.train.batch_size == 10

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import time
+from statistics import median
 
 import torch
 
@@ -124,13 +125,13 @@ class CudaMeasurer:
         release_memory(self.device)
         try:
             steps = self._train_steps(cfg, batch, TRAIN_WARMUP + TRAIN_ITERS)[TRAIN_WARMUP:]
-            seconds = _median([s for s, _ in steps])
+            seconds = median([s for s, _ in steps])
             row["train_s_per_iter"] = round(seconds, 4)
             row["train_s_per_img"] = round(seconds / batch, 4)
             if cfg.method.name != "baseline":  # separate steps: the timed kNN's syncs stay out of the above
                 release_memory(self.device)
                 timed = self._train_steps(cfg, batch, TRAIN_WARMUP + TRAIN_ITERS, time_knn=True)[TRAIN_WARMUP:]
-                row["knn_s_per_iter"] = round(_median([k for _, k in timed]), 4)
+                row["knn_s_per_iter"] = round(median([k for _, k in timed]), 4)
                 row["knn_share"] = round(row["knn_s_per_iter"] / seconds, 4)
             release_memory(self.device)
             row["infer_s_per_img"] = round(self._inference_seconds(cfg), 4)
@@ -156,10 +157,5 @@ class CudaMeasurer:
             torch.cuda.synchronize(self.device)
             if i >= INFER_WARMUP:
                 seconds.append(time.perf_counter() - start)
-        return _median(seconds)
+        return median(seconds)
 
-
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2

@@ -136,7 +136,7 @@ def _fmt(value, digits: int | None = 2) -> str:
 
 def table6(rows: list[dict], settings: dict) -> str:
     """Paper Table 6 (max batch, peak memory) with esskit's numbers beside it."""
-    lines = [f"# Table 6: max batch and peak training memory on one GPU\n",
+    lines = ["# Table 6: max batch and peak training memory on one GPU\n",
              f"esskit: {_title(settings)}. Paper: ResNet50 on a 12 GB Titan, GB as printed.\n",
              "| dataset (C) | model | paper batch | paper memory (GB) | esskit max batch | esskit peak (GiB) "
              "| source |", "|---|---|---|---|---|---|---|"]
@@ -152,7 +152,7 @@ def table7(rows: list[dict], settings: dict) -> str:
     """Paper Table 7 (inference s/img, training s/iter) with esskit's numbers beside it, the
     training time per image as a ratio to the baseline's at the same C, and the kNN's share."""
     at = f"batch {settings['batch']}" if settings.get("batch") else "the max batch"
-    lines = [f"# Table 7: inference and training time\n",
+    lines = ["# Table 7: inference and training time\n",
              f"esskit: {_title(settings)}; inference on one crop-sized image, training at {at}.\n",
              "| dataset (C) | model | paper inference (s/img) | paper training (s/iter) | esskit inference (s/img) "
              "| esskit training (s/iter) | esskit training (s/img) | × baseline (s/img) | kNN share | esskit batch "
