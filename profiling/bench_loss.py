@@ -311,6 +311,10 @@ def main() -> None:
         for r in rows:
             if r["classes"] == c and ess and r["time_s"]:
                 r["ratio_to_ess"] = round(r["time_s"] / ess, 2)
+        save(rows, args, start)  # after each C, so a run cut short keeps what it measured
+
+
+def save(rows: list[dict], args: argparse.Namespace, start: float) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     with open(args.out / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, COLUMNS)
@@ -321,7 +325,6 @@ def main() -> None:
     (args.out / "results.json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=1) + "\n")
     (args.out / "results.md").write_text(table_md(rows))
     plot(rows, args.out / "bench_loss.png", _title(settings))
-
 
 if __name__ == "__main__":
     main()

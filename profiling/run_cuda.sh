@@ -14,6 +14,10 @@ results=${1:-profiling/results}
 parts=${PARTS:-fp32 fp16 b8 bench amp}
 limit=${PART_TIMEOUT_S:-240}
 status=0
+# Every result file is rewritten after each finished cell and the log is kept, so a part cut
+# short by its time box (or the lease) still brings back what it measured.
+mkdir -p "$results"
+exec > >(tee -a "$results/run_cuda.log") 2>&1
 run() { timeout "$limit" "$@" || { echo "FAILED or timed out ($?): $*"; status=1; }; }
 
 grid() {  # $1: no | fp16

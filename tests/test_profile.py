@@ -241,3 +241,27 @@ def test_timed_knn_adds_up_its_calls_and_leaves_the_loss_unchanged():
     assert torch.equal(loss, plain)
     # two searches (pixels' negatives, Eq. 7's nearest classes), each between two synchronisations
     assert len(syncs) == 4 and timed.seconds > 0
+
+
+def test_profile_saves_each_finished_cell_so_a_cut_short_run_keeps_them(tmp_path, monkeypatch):
+    from esskit import profile as profiling
+    from esskit.profile.estimate import Estimator
+
+    class DiesOnEss(Estimator):  # a GPU lease ending during the ESS cell
+        def try_batch(self, cfg, batch):
+            if cfg.method.name == "ess":
+                raise KeyboardInterrupt
+            return super().try_batch(cfg, batch)
+
+    monkeypatch.setattr(profiling, "make_backend", lambda spec: DiesOnEss(spec.budget_bytes))
+    out = tmp_path / "profile"
+    result = CliRunner().invoke(app, ["profile", "--device", "meta", "--backbone", "resnet18", "--crop", "64",
+                                      "--budget-gib", "0.35", "--classes", "19,150", "--max-batch", "2",
+                                      "--out", str(out)])
+    assert result.exit_code != 0
+    payload = json.loads((out / "results.json").read_text())
+    assert [(r["method"], r["classes"]) for r in payload["rows"]] == [("baseline", 19), ("baseline", 150)]
+    assert payload["settings"]["complete"] is False and payload["rows"][1]["max_batch"] >= 1
+    assert (out / "figure1.png").is_file() and "baseline" in (out / "table6.md").read_text()
+    whole = _profile_tiny(tmp_path, "--classes", "19", "--methods", "baseline", "--max-batch", "1")
+    assert json.loads((whole / "results.json").read_text())["settings"]["complete"] is True

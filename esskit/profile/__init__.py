@@ -85,8 +85,6 @@ def run_profile(spec: ProfileSpec, out_dir: Path) -> list[dict]:
             spec.config(method, num_classes)
     backend = make_backend(spec)
     start = time.perf_counter()
-    with LiveTable(spec) as table:
-        rows = profile_grid(spec, backend, table.update)
     settings = {
         "backbone": spec.backbone, "crop": f"{spec.crop[0]}x{spec.crop[1]}", "precision": spec.precision,
         "budget_gib": spec.budget_gib, "classes": spec.classes, "methods": spec.methods, "batch": spec.batch,
@@ -94,13 +92,19 @@ def run_profile(spec: ProfileSpec, out_dir: Path) -> list[dict]:
         "embed_dim": spec.base.model.embed_dim, "k": spec.base.method.k,
         "knn_chunk_mib": spec.base.method.knn_chunk_mib, "loss_chunk_mib": spec.base.method.loss_chunk_mib,
         "knn_at": spec.base.method.knn_at, "knn_block": spec.base.method.knn_block,
-        "wall_s": round(time.perf_counter() - start, 1),
         "torch": torch.__version__, "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(["esskit", *sys.argv[1:]]),
     }
-    write_results(rows, settings, out_dir)
-    return rows
+    cells = len(spec.methods) * len(spec.classes)
+
+    def save(rows: list[dict]) -> None:
+        # After every cell, so a run cut short (a GPU lease's time limit) keeps what it measured.
+        write_results(rows, {**settings, "wall_s": round(time.perf_counter() - start, 1),
+                             "complete": len(rows) == cells}, out_dir)
+
+    with LiveTable(spec) as table:
+        return profile_grid(spec, backend, table.update, save)
 
 
 def spec_from_options(base: Config, recipe_keys: set[str], *, classes: str, methods: str, backbone: str | None,

@@ -116,12 +116,15 @@ class Backend(Protocol):
     def extra(self, cfg: Config, batch: int) -> dict: ...  # timings etc. at that batch (none when 0)
 
 
-def profile_grid(spec: ProfileSpec, backend: Backend, on_update: Callable[[dict], None]) -> list[dict]:
-    """One row per (method, C); `on_update` sees each row grow (for the live table)."""
+def profile_grid(spec: ProfileSpec, backend: Backend, on_update: Callable[[dict], None],
+                 on_rows: Callable[[list[dict]], None] = lambda rows: None) -> list[dict]:
+    """One row per (method, C); `on_update` sees each row grow (for the live table), `on_rows` the
+    finished rows after each cell (to save them as they come)."""
     rows = []
     for method in spec.methods:
         for num_classes in spec.classes:
             rows.append(profile_cell(spec, backend, method, num_classes, on_update))
+            on_rows(rows)
     return rows
 
 

@@ -1,0 +1,24 @@
+"""profiling/bench_loss.py end to end at a toy size: every (variant, C) gets a row, the ratios are
+taken against ESS at the same C, and the files exist (the GPU script runs this unattended)."""
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "profiling" / "bench_loss.py"
+
+
+def test_bench_loss_writes_one_row_per_variant_and_class_count(tmp_path):
+    out = tmp_path / "bench"
+    subprocess.run([sys.executable, str(SCRIPT), "--classes", "19,40", "--variants", "baseline,ess,ess_block2,ess_full",
+                    "--batch", "1", "--size", "16", "--reps", "1", "--threads", "1", "--out", str(out)],
+                   check=True, capture_output=True, timeout=300)
+    with open(out / "results.csv") as f:
+        rows = {(r["variant"], int(r["classes"])): r for r in csv.DictReader(f)}
+    assert set(rows) == {(v, c) for v in ("baseline", "ess", "ess_block2", "ess_full") for c in (19, 40)}
+    for c in (19, 40):
+        assert float(rows["ess", c]["ratio_to_ess"]) == 1.0 and float(rows["ess", c]["knn_share"]) > 0
+        assert float(rows["baseline", c]["knn_share"]) == float(rows["ess_full", c]["knn_share"]) == 0
+        assert 0 <= float(rows["ess_block2", c]["neg_diff_frac"]) <= 1  # shared neighbours are inexact
+    assert {p.name for p in out.iterdir()} == {"results.csv", "results.json", "results.md", "bench_loss.png"}
