@@ -135,11 +135,12 @@ class OptimConfig:
     embed_momentum: float = 0.95  # SGD momentum of the ESS class embeddings (paper §4)
     embed_power: float = 0.95  # poly power of the ESS class embeddings (paper §4)
     clip_grad_norm: float = 0.0  # clip the global gradient norm to this value; 0 = off
+    warmup_steps: int = 0  # linear lr warm-up over the first steps, then poly (0 = none, as in the paper)
 
     def __post_init__(self):
         _check_positive("optim", self, ["lr", "power", "embed_power"])
         _check_positive("optim", self, ["momentum", "weight_decay", "backbone_lr_mult", "embed_momentum",
-                                        "clip_grad_norm"],
+                                        "clip_grad_norm", "warmup_steps"],
                         allow_zero=True)
 
 

@@ -58,7 +58,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict | None:
     if cfg.train.sync_bn and accelerator.num_processes > 1:
         model = convert_sync_batchnorm(model, accelerator.device)
     optimizer = build_optimizer(model, cfg)
-    scheduler = build_scheduler(optimizer, cfg.train.steps)
+    scheduler = build_scheduler(optimizer, cfg.train.steps, cfg.optim.warmup_steps)
     train_set = build_dataset(cfg.data, cfg.data.train_split, train=True, seed=cfg.train.seed)
     if len(train_set) < cfg.train.batch_size * accelerator.num_processes:
         raise ConfigError(f"train.batch_size = {cfg.train.batch_size} is larger than the training set "

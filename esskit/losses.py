@@ -210,6 +210,9 @@ def segmentation_loss(output: dict, target: torch.Tensor, cfg: MethodConfig, knn
     else:
         cls = ess_paper_loss(emb, class_emb, target, cfg, knn)
         parts = {"loss_ess": cls.detach()}
+    # The raw embeddings' norm: the normalisation makes the head scale-invariant, so SGD steps grow
+    # it and every layer below gets gradients divided by it (a diagnostic for the lr schedule).
+    parts["emb_norm"] = emb.detach().norm(dim=1).mean()
     loss = cls
     if cfg.margin_weight > 0:
         margin = max_margin_loss(class_emb, cfg.margin, knn)

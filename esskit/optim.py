@@ -37,8 +37,9 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.SGD:
                            weight_decay=cfg.optim.weight_decay)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int) -> LambdaLR:
-    """lr = base_lr * (1 - step / total_steps) ** power, power taken from each param group."""
+def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0) -> LambdaLR:
+    """lr = base_lr * (1 - step / total_steps) ** power, power taken from each param group, times a
+    linear ramp (step + 1) / warmup_steps over the first warmup_steps steps."""
     def poly(power: float):
-        return lambda step: max(0.0, 1.0 - step / total_steps) ** power
+        return lambda step: max(0.0, 1.0 - step / total_steps) ** power * min(1.0, (step + 1) / max(1, warmup_steps))
     return LambdaLR(optimizer, [poly(g["power"]) for g in optimizer.param_groups])

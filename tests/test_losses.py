@@ -250,7 +250,9 @@ def test_segmentation_loss_ess_paper_matches_reference():
     pix = up.permute(0, 2, 3, 1).reshape(-1, 4)
     expected = _reference_ess(pix, class_emb, target.reshape(-1), 3, 0.1) + 0.5 * _reference_margin(class_emb, 1.5)
     torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
-    assert set(parts) == {"loss_ess", "loss_margin"}
+    assert set(parts) == {"loss_ess", "loss_margin", "emb_norm"}
+    # the mean norm of the raw stride-4 embeddings, before upsampling and normalisation
+    torch.testing.assert_close(parts["emb_norm"].double(), emb.pow(2).sum(1).sqrt().mean(), rtol=1e-6, atol=0)
 
 
 def test_loss_is_fp32_for_bf16_inputs():
@@ -292,7 +294,7 @@ def test_segmentation_loss_ess_full_is_full_softmax_plus_margin():
     pix = F.interpolate(emb, size=(8, 8), mode="bilinear", align_corners=False).permute(0, 2, 3, 1).reshape(-1, 5)
     expected = _reference_full(pix, class_emb, target.reshape(-1), 0.1) + 0.5 * _reference_margin(class_emb, 1.5)
     torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
-    assert set(parts) == {"loss_full", "loss_margin"}
+    assert set(parts) == {"loss_full", "loss_margin", "emb_norm"}
 
 
 @pytest.mark.parametrize("sets", [{"knn_at": "feature"}, {"knn_block": 2}, {"knn_block": 4}])

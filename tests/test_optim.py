@@ -1,0 +1,61 @@
+"""Parameter groups and learning-rate schedules of esskit.optim against the paper's §4 settings,
+computed by hand."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+from esskit.config import Config, load_config
+from esskit.errors import ConfigError
+from esskit.optim import build_optimizer, build_scheduler
+
+
+class TinyEss(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Linear(2, 2)
+        self.decoder = nn.Linear(2, 2)
+        self.class_embeddings = nn.Parameter(torch.randn(5, 2))
+        self.frozen = nn.Parameter(torch.zeros(1), requires_grad=False)
+
+
+def config(**optim) -> Config:
+    return load_config(None, [f"optim.{k}={v}" for k, v in optim.items()])
+
+
+def same(params, expected) -> bool:
+    return len(params) == len(expected) and all(p is e for p, e in zip(params, expected))
+
+
+def test_param_groups_follow_the_paper():
+    model = TinyEss()
+    optimizer = build_optimizer(model, config(lr=0.01, backbone_lr_mult=0.1, momentum=0.9, embed_momentum=0.95))
+    groups = {g["name"]: g for g in optimizer.param_groups}
+    assert same(groups["backbone"]["params"], [model.backbone.weight, model.backbone.bias])
+    assert groups["backbone"]["lr"] == pytest.approx(0.001) and groups["backbone"]["momentum"] == 0.9
+    assert same(groups["head"]["params"], [model.decoder.weight, model.decoder.bias]) and groups["head"]["lr"] == 0.01
+    assert same(groups["class_embeddings"]["params"], [model.class_embeddings])
+    assert groups["class_embeddings"]["momentum"] == 0.95 and groups["class_embeddings"]["power"] == 0.95
+    assert all(g["weight_decay"] == 1e-4 for g in optimizer.param_groups)
+    assert not any(p is model.frozen for g in optimizer.param_groups for p in g["params"])
+
+
+@pytest.mark.parametrize("warmup", [0, 4])
+def test_poly_schedule_with_linear_warmup(warmup):
+    model = TinyEss()
+    optimizer = build_optimizer(model, config(lr=0.1, power=0.9, embed_power=0.95, backbone_lr_mult=0.5))
+    scheduler = build_scheduler(optimizer, total_steps=10, warmup_steps=warmup)
+    for step in range(10):
+        ramp = min(1.0, (step + 1) / warmup) if warmup else 1.0
+        expected = {"backbone": 0.05 * (1 - step / 10) ** 0.9, "head": 0.1 * (1 - step / 10) ** 0.9,
+                    "class_embeddings": 0.1 * (1 - step / 10) ** 0.95}
+        for group in optimizer.param_groups:
+            assert group["lr"] == pytest.approx(expected[group["name"]] * ramp), (step, group["name"])
+        optimizer.step()
+        scheduler.step()
+    assert all(g["lr"] == 0.0 for g in optimizer.param_groups)
+
+
+def test_negative_warmup_is_rejected():
+    with pytest.raises(ConfigError, match=r"optim.warmup_steps = -1 must be >= 0"):
+        config(warmup_steps=-1)
