@@ -32,14 +32,17 @@ RECIPE = ROOT / "recipes" / "synthetic.toml"
 ABLATIONS = ROOT / "recipes" / "ablations"
 
 # A from-scratch ResNet18 at 64 px: the backbone trains at the base lr (backbone_lr_mult = 0.1 is
-# for ImageNet-pretrained backbones), each method at its best base lr of the 300-step sweep in
-# results/synthetic-study/lr_sweep.csv (ESS's is 30x lower than the baseline's; profiling/README.md).
+# for ImageNet-pretrained backbones), each method at its best schedule of the 300-step sweeps
+# (results/synthetic-study/lr_sweep.csv and the "schedule" rows; profiling/README.md): ESS needs a
+# warm-up, the baseline does not care.
 COMMON = ["data.crop=[64,64]", "data.base_size=[64,64]", "data.synthetic_image_size=64", "train.steps=300",
           "train.log_every=25", "train.save_every=0", "train.keep_checkpoints=1", "optim.backbone_lr_mult=1.0"]
-BEST_LR = {"baseline": "optim.lr=0.01", "ess": "optim.lr=0.0003", "ess_full": "optim.lr=0.0003"}
+ESS_SCHEDULE = ["optim.lr=0.002", "optim.warmup_steps=100"]
+BEST_SCHEDULE = {"baseline": ["optim.lr=0.01", "optim.warmup_steps=0"], "ess": ESS_SCHEDULE, "ess_full": ESS_SCHEDULE}
 # Table 1: (C, d, k) per dataset size; the synthetic stand-ins for Cityscapes, ADE20k, COCO+LVIS.
 TABLE1 = {19: (7, 6), 150: (12, 7), 1284: (12, 8)}
-COLUMNS = ("group", "row", "method", "classes", "mIoU", "fwIoU", "pAcc", "mAcc", "final_loss", "steps",
+COLUMNS = ("group", "row", "method", "classes", "mIoU", "fwIoU", "pAcc", "mAcc", "final_loss", "emb_norm_first",
+           "emb_norm_final", "steps",
            "images_per_step", "train_s", "overrides", "note")
 
 
@@ -51,6 +54,18 @@ def method_rows() -> list[tuple[str, str, list[str]]]:
                                                        f"method.k={k}", f"method.name={method}"]))
     # The same two runs with another seed: the size of run-to-run noise.
     rows += [("methods", f"{name}_seed1", keys + ["train.seed=1"]) for _, name, keys in rows[:2]]
+    return rows
+
+
+def schedule_rows() -> list[tuple[str, str, list[str]]]:
+    """C = 19 around the chosen schedules: ESS without warm-up (the old best, 3e-4, and 1e-3), with
+    warm-up at other lrs, and the baseline with warm-up."""
+    ess = ["data.num_classes=19", "model.embed_dim=7", "method.k=6", "method.name=ess"]
+    rows = [(f"ess_lr{lr}_warmup{w}", [f"optim.lr={lr}", f"optim.warmup_steps={w}"])
+            for lr, w in (("3e-4", 0), ("1e-3", 0), ("1e-3", 100), ("3e-3", 100))]
+    rows = [("schedule", name, ess + keys) for name, keys in rows]
+    rows.append(("schedule", "baseline_lr1e-2_warmup100", ["data.num_classes=19", "method.name=baseline",
+                                                           "optim.lr=1e-2", "optim.warmup_steps=100"]))
     return rows
 
 
@@ -84,9 +99,9 @@ def ablation_rows() -> list[tuple[str, str, list[str]]]:
 
 
 def row_config(keys: list[str], extra: list[str] = ()):
-    """The synthetic recipe with COMMON, the row method's best lr, the row's keys and `extra`."""
+    """The synthetic recipe with COMMON, the row method's best schedule, the row's keys and `extra`."""
     method = next((k.split("=", 1)[1].strip('"') for k in keys if k.startswith("method.name=")), "ess")
-    return load_config(RECIPE, COMMON + [BEST_LR[method]] + keys + list(extra))
+    return load_config(RECIPE, COMMON + BEST_SCHEDULE[method] + keys + list(extra))
 
 
 def run_row(group: str, name: str, keys: list[str], out: Path, extra: list[str]) -> dict:
@@ -109,19 +124,26 @@ def run_row(group: str, name: str, keys: list[str], out: Path, extra: list[str])
     losses = [r for r in logs if "loss" in r]
     return {**row, **{k: round(100 * metrics[k], 2) for k in ("mIoU", "fwIoU", "pAcc", "mAcc")},
             "final_loss": round(losses[-1]["loss"], 4), "train_s": round(losses[-1]["s_per_step"] * cfg.train.steps),
+            # the raw pixel-embedding norm at the first and the last logged step (ESS only)
+            "emb_norm_first": _round(losses[0].get("emb_norm")), "emb_norm_final": _round(losses[-1].get("emb_norm")),
             "note": "", "_wall": round(time.time() - start)}
 
 
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 2)
+
+
 def table_md(rows: list[dict]) -> str:
-    lines = ["| group | row | method | C | images/step | mIoU | fwIoU | pAcc | mAcc | final loss |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| group | row | method | C | images/step | mIoU | fwIoU | pAcc | mAcc | final loss | emb norm first → last |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "mIoU" not in r:
             lines.append(f"| {r['group']} | {r['row']} | {r['method']} | {r['classes']} | {r['images_per_step']} | "
-                         f"diverged | | | | |")
+                         f"diverged | | | | | |")
             continue
         lines.append(f"| {r['group']} | {r['row']} | {r['method']} | {r['classes']} | {r['images_per_step']} | "
-                     f"{r['mIoU']:.1f} | {r['fwIoU']:.1f} | {r['pAcc']:.1f} | {r['mAcc']:.1f} | {r['final_loss']:.3f} |")
+                     f"{r['mIoU']:.1f} | {r['fwIoU']:.1f} | {r['pAcc']:.1f} | {r['mAcc']:.1f} | {r['final_loss']:.3f} | "
+                     + (f"{r['emb_norm_first']} → {r['emb_norm_final']} |" if r.get("emb_norm_first") else "|"))
     return "\n".join(lines) + "\n"
 
 
@@ -150,14 +172,14 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--groups", default="methods,table2,table3,table5")
+    parser.add_argument("--groups", default="methods,table2,table3,table5,schedule")
     parser.add_argument("--out", type=Path, default=ROOT / "profiling" / "results" / "synthetic-study")
     parser.add_argument("--set", action="append", default=[], dest="extra", help="extra override for every row")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     wanted = args.groups.split(",")
-    todo = [r for r in method_rows() + ablation_rows() if r[0] in wanted]
+    todo = [r for r in method_rows() + ablation_rows() + schedule_rows() if r[0] in wanted]
     rows = []
     for group, name, keys in todo:
         rows.append(run_row(group, name, keys, args.out, args.extra))
@@ -167,7 +189,7 @@ def main() -> None:
         writer = csv.DictWriter(f, COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    settings = {"recipe": str(RECIPE.relative_to(ROOT)), "common": COMMON, "best_lr": BEST_LR, "extra": args.extra,
+    settings = {"recipe": str(RECIPE.relative_to(ROOT)), "common": COMMON, "best_schedule": BEST_SCHEDULE, "extra": args.extra,
                 "torch": torch.__version__, "threads": args.threads}
     (args.out / "results.json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=1) + "\n")
     (args.out / "results.md").write_text(table_md(rows))

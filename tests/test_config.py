@@ -211,7 +211,11 @@ def test_accuracy_study_applies_every_ablation_recipe_to_the_synthetic_data():
         cfg = study.row_config(keys)
         method = "baseline" if "baseline" in name else "ess_full" if "ess_full" in name else "ess"
         assert cfg.data.name == "synthetic" and cfg.data.crop == [64, 64] and cfg.method.name == method, name
-        assert cfg.optim.lr == (0.01 if method == "baseline" else 0.0003), name
+        schedule = (0.01, 0) if method == "baseline" else (0.002, 100)
+        assert (cfg.optim.lr, cfg.optim.warmup_steps) == schedule, name
+    schedules = {name: study.row_config(keys).optim for _, name, keys in study.schedule_rows()}
+    assert (schedules["ess_lr3e-4_warmup0"].lr, schedules["ess_lr3e-4_warmup0"].warmup_steps) == (3e-4, 0)
+    assert (schedules["baseline_lr1e-2_warmup100"].lr, schedules["baseline_lr1e-2_warmup100"].warmup_steps) == (0.01, 100)
     random = load_config(study.RECIPE, dict((n, k) for _, n, k in rows)["table3_random"])
     assert random.method.negatives == "random" and random.method.normalize is False
     assert random.method.margin_weight == 0.0 and random.train.batch_size == 10
