@@ -5,7 +5,7 @@
 #   b8          equal batch 8 (R50 512^2), baseline / ESS / ess_full from C = 19 to 100,000: time per
 #               image ratios, kNN share of the step, peak memory (cap raised so the baseline fits where it can);
 #   bench       the loss-step benchmark on the GPU;
-#   amp         1-process `accelerate launch` training of the synthetic recipe under fp16 and bf16.
+#   amp         1-process `accelerate launch` training of the synthetic recipe in fp32, fp16 and bf16.
 # Usage: [PARTS=...] [PART_TIMEOUT_S=240] profiling/run_cuda.sh [RESULTS_DIR]  (default profiling/results).
 # Each part is time-boxed, so a short GPU lease still brings back the parts that finished.
 set -uo pipefail
@@ -28,11 +28,14 @@ grid() {  # $1: no | fp16
 }
 
 amp() {
-  for precision in fp16 bf16; do
-    run accelerate launch --num_processes 1 -m esskit train recipes/synthetic.toml --out "/tmp/amp-$precision" \
-      --set train.mixed_precision=$precision --set train.steps=100
-    mkdir -p "$results/synthetic-amp-$precision-cuda"
-    cp /tmp/amp-$precision/{config.toml,metrics.jsonl,eval.json} "$results/synthetic-amp-$precision-cuda/" || status=1
+  local precision name
+  for precision in no fp16 bf16; do  # the recipe's whole schedule (its warm-up is 100 of 200 steps); fp32 as reference
+    name=$([ "$precision" = no ] && echo fp32 || echo "$precision")
+    rm -rf "/tmp/amp-$name"  # a rerun on a warm machine must not meet the last run's checkpoints
+    run accelerate launch --num_processes 1 -m esskit train recipes/synthetic.toml --out "/tmp/amp-$name" \
+      --set train.mixed_precision=$precision
+    mkdir -p "$results/synthetic-$name-cuda"
+    cp /tmp/amp-$name/{config.toml,metrics.jsonl,eval.json} "$results/synthetic-$name-cuda/" || status=1
   done
 }
 
