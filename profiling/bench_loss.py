@@ -326,5 +326,6 @@ def save(rows: list[dict], args: argparse.Namespace, start: float) -> None:
     (args.out / "results.md").write_text(table_md(rows))
     plot(rows, args.out / "bench_loss.png", _title(settings))
 
+
 if __name__ == "__main__":
     main()
