@@ -32,6 +32,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from esskit.config import MethodConfig
 from esskit.data import IGNORE_INDEX
 from esskit.knn import knn_backend
+from esskit.lean_loss import has_builtin_linear_cross_entropy
 from esskit.losses import (ess_full_loss, ess_paper_loss, negatives_differ, pixels_last, segmentation_loss,
                            shared_neighbours, upsample)
 from esskit.profile.estimate import MemoryTracker
@@ -178,6 +179,15 @@ def differing_fraction(cfg: MethodConfig, inputs, chunk_rows: int = 2**15) -> fl
     return round(float(differ.sum() / (t != IGNORE_INDEX).sum()), 4)
 
 
+def unavailable(name: str, cfg: MethodConfig) -> str | None:
+    """Why this variant cannot run here (an optional library or a newer torch), else None."""
+    if cfg.knn == "faiss" and importlib.util.find_spec("faiss") is None:
+        return "FAISS is not installed"
+    if name == "ess_full" and not has_builtin_linear_cross_entropy():
+        return f"torch {torch.__version__} has no torch.nn.functional.linear_cross_entropy"
+    return None
+
+
 def bench_cell(name: str, classes: int, args) -> dict:
     fn, sets, _ = VARIANTS[name]
     cfg = MethodConfig(k=args.k, margin_weight=0.0, knn_chunk_mib=args.knn_chunk_mib,
@@ -185,12 +195,13 @@ def bench_cell(name: str, classes: int, args) -> dict:
     row = dict.fromkeys(COLUMNS)
     row.update(device=args.device_name, variant=name, classes=classes, pixels=args.batch * args.size ** 2,
                d=args.d, k=args.k, note="")
+    missing = unavailable(name, cfg)
+    if missing:
+        row["note"] = f"not run: {missing}"
+        return row
     row["peak_mib"] = loss_peak_mib(fn, cfg, classes, args.batch, args.size, args.d)
     if row["peak_mib"] is not None and row["peak_mib"] > args.max_mib:
         row["note"] = f"not timed: needs {row['peak_mib'] / 1024:.1f} GiB > --max-mib"
-        return row
-    if cfg.knn == "faiss" and importlib.util.find_spec("faiss") is None:
-        row["note"] = "not run: FAISS is not installed"
         return row
     inputs = make_inputs(cfg, classes, args.batch, args.size, args.d, device=args.device)
     if args.device.type == "cuda":

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from esskit.lean_loss import has_builtin_linear_cross_entropy
+
 SCRIPT = Path(__file__).resolve().parents[1] / "profiling" / "bench_loss.py"
 
 
@@ -19,6 +21,10 @@ def test_bench_loss_writes_one_row_per_variant_and_class_count(tmp_path):
     assert set(rows) == {(v, c) for v in ("baseline", "ess", "ess_block2", "ess_full") for c in (19, 40)}
     for c in (19, 40):
         assert float(rows["ess", c]["ratio_to_ess"]) == 1.0 and float(rows["ess", c]["knn_share"]) > 0
-        assert float(rows["baseline", c]["knn_share"]) == float(rows["ess_full", c]["knn_share"]) == 0
+        assert float(rows["baseline", c]["knn_share"]) == 0
+        if has_builtin_linear_cross_entropy():
+            assert float(rows["ess_full", c]["knn_share"]) == 0 and float(rows["ess_full", c]["time_s"]) > 0
+        else:  # an older torch (the GPU image has 2.11): a note, not a crash
+            assert rows["ess_full", c]["note"].startswith("not run: torch") and rows["ess_full", c]["time_s"] == ""
         assert 0 <= float(rows["ess_block2", c]["neg_diff_frac"]) <= 1  # shared neighbours are inexact
     assert {p.name for p in out.iterdir()} == {"results.csv", "results.json", "results.md", "bench_loss.png"}
