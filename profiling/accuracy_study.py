@@ -9,7 +9,7 @@ their keys from recipes/ablations/*.toml (the [method] section, model.norm/embed
 train.batch_size/grad_accum), so the synthetic study flips exactly the switches of the real
 ablation recipes; only the data, backbone, crop and schedule are the synthetic ones. A row whose
 run directory already holds eval.json is read, not rerun, so an interrupted study continues.
-Writes results.csv, results.json, results.md and accuracy_study.png into --out.
+Writes results.csv, results.json, results.md, accuracy_study.png and figure4.png into --out.
 """
 
 from __future__ import annotations
@@ -65,6 +65,28 @@ def schedule_rows() -> list[tuple[str, str, list[str]]]:
     rows.append(("schedule", "baseline_lr1e-2_warmup100",
                  c19["c19_baseline"] + ["optim.lr=1e-2", "optim.warmup_steps=100"]))
     return rows
+
+
+def figure4_rows() -> list[tuple[str, str, list[str]]]:
+    """The paper's Figure 4 (left), embedding dimension d vs mIoU: C = 19 at d = 4 to 64 (d = 7 is
+    c19_ess), a second seed at d >= 12, and d = 32 at C = 150 and 1284 (Table 1's d there is 12)."""
+    rows_by_name = {name: keys for _, name, keys in method_rows()}
+
+    def with_d(name: str, d: int) -> list[str]:
+        return [k for k in rows_by_name[name] if not k.startswith("model.embed_dim=")] + [f"model.embed_dim={d}"]
+
+    rows = [("figure4", f"c19_ess_d{d}", with_d("c19_ess", d)) for d in (4, 12, 16, 32, 64)]
+    rows += [("figure4", f"c19_ess_d{d}_seed1", with_d("c19_ess", d) + ["train.seed=1"]) for d in (12, 16, 32, 64)]
+    rows += [("figure4", f"c{c}_ess_d32", with_d(f"c{c}_ess", 32)) for c in (150, 1284)]
+    return rows
+
+
+def knob_rows() -> list[tuple[str, str, list[str]]]:
+    """C = 19, d = 7: other suspects for ESS's gap to the baseline, one switch each."""
+    c19 = {name: keys for _, name, keys in method_rows()}["c19_ess"]
+    knobs = {"backbone_lr_x5": "optim.backbone_lr_mult=5.0", "tau0.1": "method.tau=0.1",
+             "tau0.025": "method.tau=0.025", "wd1e-3": "optim.weight_decay=0.001"}
+    return [("knobs", f"c19_ess_{name}", c19 + [key]) for name, key in knobs.items()]
 
 
 def recipe_keys(path: Path) -> list[str]:
@@ -168,16 +190,58 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def _key(row: dict, key: str, default: str) -> str:
+    found = [o.split("=", 1)[1] for o in row["overrides"].split() if o.startswith(key + "=")]
+    return found[-1] if found else default
+
+
+def plot_figure4(rows: list[dict], path: Path) -> None:
+    """mIoU vs embedding dimension d, one panel per C: ESS rows (methods + figure4 groups, one
+    marker per seed) and the baseline's mIoU as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ess = [r for r in rows if r["method"] == "ess" and r["group"] in ("methods", "figure4") and "mIoU" in r]
+    classes = sorted({r["classes"] for r in ess})
+    if not classes:
+        return
+    fig, axes = plt.subplots(1, len(classes), figsize=(3.2 * len(classes), 3), dpi=120, squeeze=False)
+    for ax, c in zip(axes[0], classes):
+        for seed, marker in (("0", "o"), ("1", "x")):
+            points = sorted((int(_key(r, "model.embed_dim", "0")), r["mIoU"]) for r in ess
+                            if r["classes"] == c and _key(r, "train.seed", "0") == seed)
+            if points:
+                ax.plot(*zip(*points), marker=marker, ls="-" if seed == "0" else "", label=f"ESS, seed {seed}")
+        base = [r["mIoU"] for r in rows if r["row"] == f"c{c}_baseline" and "mIoU" in r]
+        if base:
+            ax.axhline(base[0], ls="--", color="gray", label="baseline")
+        ax.set_xscale("log", base=2)
+        dims = sorted({int(_key(r, "model.embed_dim", "0")) for r in ess if r["classes"] == c})
+        ax.set_xticks(dims, [str(d) for d in dims])
+        ax.minorticks_off()
+        ax.set_xlabel("embedding dimension d")
+        ax.set_title(f"C = {c}", fontsize=9)
+        ax.grid(True, alpha=0.3)
+    axes[0][0].set_ylabel("mIoU (%)")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("Figure 4 (left) on the synthetic data: ResNet18 from scratch, 64 px, 300 steps", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--groups", default="methods,table2,table3,table5,schedule")
+    parser.add_argument("--groups", default="methods,table2,table3,table5,schedule,figure4,knobs")
     parser.add_argument("--out", type=Path, default=ROOT / "profiling" / "results" / "synthetic-study")
     parser.add_argument("--set", action="append", default=[], dest="extra", help="extra override for every row")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     wanted = args.groups.split(",")
-    todo = [r for r in method_rows() + ablation_rows() + schedule_rows() if r[0] in wanted]
+    todo = [r for r in method_rows() + ablation_rows() + schedule_rows() + figure4_rows() + knob_rows() if r[0] in wanted]
     rows = []
     for group, name, keys in todo:
         rows.append(run_row(group, name, keys, args.out, args.extra))
@@ -193,6 +257,7 @@ def main() -> None:
     (args.out / "results.md").write_text(table_md(rows))
     plot(rows, args.out / "accuracy_study.png", "recipes/synthetic.toml, ResNet18 from scratch, 64 px, "
          f"{rows[0]['steps'] if rows else 0} steps, one seed")
+    plot_figure4(rows, args.out / "figure4.png")
 
 
 if __name__ == "__main__":

@@ -22,3 +22,10 @@ done
     --set model.embed_dim=7 --set method.k=6 --out profiling/results/resnet50-400x800-fp32-meta
 /usr/bin/time -f "resnet50-450-fp32-meta: %e s wall" \
   esskit profile --device meta --backbone resnet50 --crop 450 --classes 1284 --out profiling/results/resnet50-450-fp32-meta
+# Embedding dimension d (Figure 4's axis) at C = 1284: what a larger d costs in max batch
+# (d = 12 is the grid above).
+for d in 7 16 32 64; do
+  /usr/bin/time -f "resnet50-512-fp32-meta-d$d: %e s wall" \
+    esskit profile --device meta --classes 1284 --methods ess,ess_full --set model.embed_dim=$d \
+      --out "profiling/results/resnet50-512-fp32-meta-d$d"
+done
