@@ -5,9 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STEPS=${STEPS:-150}
-# The synthetic recipe's optimiser as it was when results/knn_sharing-synthetic was made.
+# The synthetic recipe's optimiser and d as they were when results/knn_sharing-synthetic was made.
 SETS="--set train.steps=$STEPS --set train.log_every=10 --set data.synthetic_val_size=32 --set train.cpu=true
-      --set optim.lr=0.01 --set optim.backbone_lr_mult=0.1 --set optim.warmup_steps=0"
+      --set optim.lr=0.01 --set optim.backbone_lr_mult=0.1 --set optim.warmup_steps=0 --set model.embed_dim=7"
 export OMP_NUM_THREADS=1
 for option in "label:method.knn_at=label" "feature:method.knn_at=feature" "block2:method.knn_block=2" \
               "block4:method.knn_block=4"; do
