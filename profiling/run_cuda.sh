@@ -5,7 +5,9 @@
 #   b8          equal batch 8 (R50 512^2), baseline / ESS / ess_full from C = 19 to 100,000: time per
 #               image ratios, kNN share of the step, peak memory (cap raised so the baseline fits where it can);
 #   bench       the loss-step benchmark on the GPU;
-#   amp         1-process `accelerate launch` training of the synthetic recipe in fp32, fp16 and bf16.
+#   amp         1-process `accelerate launch` training of the synthetic recipe in fp32, fp16 and bf16;
+#   d32         (not in the default list) ESS and ess_full at batch 8, C = 1284, d = 32: the time cost
+#               of the synthetic recipe's d against b8's d = 12.
 # Usage: [PARTS=...] [PART_TIMEOUT_S=240] profiling/run_cuda.sh [RESULTS_DIR]  (default profiling/results).
 # Each part is time-boxed, so a short GPU lease still brings back the parts that finished.
 set -uo pipefail
@@ -50,7 +52,10 @@ for part in $parts; do
     bench) run python profiling/bench_loss.py --device cuda --batch 8 --size 512 --loss-chunk-mib 64 \
              --knn-chunk-mib 64 --reps 5 --budget-s 20 --max-mib 60000 --out "$results/bench_loss-cuda" ;;
     amp) amp ;;
-    *) echo "unknown part $part (fp32 fp16 b8 bench amp)"; status=1 ;;
+    d32) run esskit profile --device cuda --backbone resnet50 --crop 512 --budget-gib 70 --batch 8 \
+           --classes 1284 --methods ess,ess_full --set model.embed_dim=32 \
+           --out "$results/resnet50-512-fp32-b8-d32-cuda" ;;
+    *) echo "unknown part $part (fp32 fp16 b8 bench amp d32)"; status=1 ;;
   esac
 done
 exit $status
