@@ -9,7 +9,8 @@ their keys from recipes/ablations/*.toml (the [method] section, model.norm/embed
 train.batch_size/grad_accum), so the synthetic study flips exactly the switches of the real
 ablation recipes; only the data, backbone, crop and schedule are the synthetic ones. A row whose
 run directory already holds eval.json is read, not rerun, so an interrupted study continues.
-Writes results.csv, results.json, results.md, accuracy_study.png and figure4.png into --out.
+Writes results.csv, results.json, results.md, accuracy_study.png, figure4.png and
+figure4_convergence.png into --out.
 """
 
 from __future__ import annotations
@@ -79,6 +80,14 @@ def figure4_rows() -> list[tuple[str, str, list[str]]]:
     rows += [("figure4", f"c19_ess_d{d}_seed1", with_d("c19_ess", d) + ["train.seed=1"]) for d in (12, 16, 32, 64)]
     rows += [("figure4", f"c{c}_ess_d32", with_d(f"c{c}_ess", 32)) for c in (150, 1284)]
     return rows
+
+
+def convergence_rows() -> list[tuple[str, str, list[str]]]:
+    """The paper's Figure 4 (right): k = 7 random vs 7 nearest negatives, evaluated every 25 steps."""
+    c19 = {name: keys for _, name, keys in method_rows()}["c19_ess"]
+    return [("convergence", f"c19_ess_k7_{negatives}", c19 + ["method.k=7", f"method.negatives={negatives}",
+                                                             "train.eval_every=25"])
+            for negatives in ("nearest", "random")]
 
 
 def knob_rows() -> list[tuple[str, str, list[str]]]:
@@ -232,16 +241,41 @@ def plot_figure4(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_convergence(rows: list[dict], out: Path, path: Path) -> None:
+    """mIoU over training steps of the `convergence` rows (their runs evaluate every 25 steps)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [r for r in rows if r["group"] == "convergence" and "mIoU" in r]
+    if not runs:
+        return
+    fig, ax = plt.subplots(figsize=(4.5, 3.2), dpi=120)
+    for r in runs:
+        logs = [json.loads(line) for line in (out / r["row"] / "metrics.jsonl").read_text().splitlines()]
+        points = sorted({x["step"]: 100 * x["eval"]["mIoU"] for x in logs if "eval" in x}.items())
+        ax.plot(*zip(*points), marker=".", label=_key(r, "method.negatives", "nearest") + f" (k = {_key(r, 'method.k', '')})")
+    ax.set_xlabel("step")
+    ax.set_ylabel("mIoU (%)")
+    ax.set_title("Figure 4 (right) on the synthetic data: C = 19, d = 7", fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--groups", default="methods,table2,table3,table5,schedule,figure4,knobs")
+    parser.add_argument("--groups", default="methods,table2,table3,table5,schedule,figure4,knobs,convergence")
     parser.add_argument("--out", type=Path, default=ROOT / "profiling" / "results" / "synthetic-study")
     parser.add_argument("--set", action="append", default=[], dest="extra", help="extra override for every row")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     wanted = args.groups.split(",")
-    todo = [r for r in method_rows() + ablation_rows() + schedule_rows() + figure4_rows() + knob_rows() if r[0] in wanted]
+    todo = [r for r in method_rows() + ablation_rows() + schedule_rows() + figure4_rows() + knob_rows() + convergence_rows() if r[0] in wanted]
     rows = []
     for group, name, keys in todo:
         rows.append(run_row(group, name, keys, args.out, args.extra))
@@ -258,6 +292,7 @@ def main() -> None:
     plot(rows, args.out / "accuracy_study.png", "recipes/synthetic.toml, ResNet18 from scratch, 64 px, "
          f"{rows[0]['steps'] if rows else 0} steps, one seed")
     plot_figure4(rows, args.out / "figure4.png")
+    plot_convergence(rows, args.out, args.out / "figure4_convergence.png")
 
 
 if __name__ == "__main__":

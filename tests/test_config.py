@@ -228,3 +228,8 @@ def test_accuracy_study_applies_every_ablation_recipe_to_the_synthetic_data():
     knobs = {name: study.row_config(keys) for _, name, keys in study.knob_rows()}
     assert knobs["c19_ess_tau0.1"].method.tau == 0.1 and knobs["c19_ess_backbone_lr_x5"].optim.backbone_lr_mult == 5
     assert {c.model.embed_dim for c in knobs.values()} == {7}
+    convergence = {name: study.row_config(keys) for _, name, keys in study.convergence_rows()}
+    assert [(c.method.k, c.method.negatives, c.train.eval_every) for c in convergence.values()] == [
+        (7, "nearest", 25), (7, "random", 25)]
+    every = rows + study.schedule_rows() + study.figure4_rows() + study.knob_rows() + study.convergence_rows()
+    assert len({name for _, name, _ in every}) == len(every)
