@@ -53,7 +53,7 @@ def method_rows() -> list[tuple[str, str, list[str]]]:
             rows.append(("methods", f"c{c}_{method}", [f"data.num_classes={c}", f"model.embed_dim={d}",
                                                        f"method.k={k}", f"method.name={method}"]))
     # The same two runs with another seed: the size of run-to-run noise.
-    rows += [("methods", f"{name}_seed1", keys + ["train.seed=1"]) for _, name, keys in rows[:2]]
+    rows += [("methods", f"{name}_seed1", keys + ["train.seed=1"]) for _, name, keys in rows[:2] + rows[3:5]]
     return rows
 
 
@@ -79,6 +79,7 @@ def figure4_rows() -> list[tuple[str, str, list[str]]]:
     rows = [("figure4", f"c19_ess_d{d}", with_d("c19_ess", d)) for d in (4, 12, 16, 32, 64)]
     rows += [("figure4", f"c19_ess_d{d}_seed1", with_d("c19_ess", d) + ["train.seed=1"]) for d in (12, 16, 32, 64)]
     rows += [("figure4", f"c{c}_ess_d32", with_d(f"c{c}_ess", 32)) for c in (150, 1284)]
+    rows.append(("figure4", "c150_ess_d32_seed1", with_d("c150_ess", 32) + ["train.seed=1"]))
     return rows
 
 
