@@ -52,29 +52,32 @@ def method_rows() -> list[tuple[str, str, list[str]]]:
         for method in ("baseline", "ess", "ess_full"):
             rows.append(("methods", f"c{c}_{method}", [f"data.num_classes={c}", f"model.embed_dim={d}",
                                                        f"method.k={k}", f"method.name={method}"]))
-    # The same two runs with another seed: the size of run-to-run noise.
+    # Baseline and ESS at C = 19 and 150 with another seed: the size of run-to-run noise.
     rows += [("methods", f"{name}_seed1", keys + ["train.seed=1"]) for _, name, keys in rows[:2] + rows[3:5]]
     return rows
+
+
+def method_keys(name: str) -> list[str]:
+    """The keys of one `methods` row, e.g. "c19_ess"."""
+    return dict((n, keys) for _, n, keys in method_rows())[name]
 
 
 def schedule_rows() -> list[tuple[str, str, list[str]]]:
     """C = 19 around the chosen schedules: ESS without warm-up (the old best, 3e-4, and 1e-3), with
     warm-up at other lrs, and the baseline with warm-up."""
-    c19 = {name: keys for _, name, keys in method_rows()}
-    rows = [("schedule", f"ess_lr{lr}_warmup{w}", c19["c19_ess"] + [f"optim.lr={lr}", f"optim.warmup_steps={w}"])
+    rows = [("schedule", f"ess_lr{lr}_warmup{w}",
+             method_keys("c19_ess") + [f"optim.lr={lr}", f"optim.warmup_steps={w}"])
             for lr, w in (("3e-4", 0), ("1e-3", 0), ("1e-3", 100), ("3e-3", 100))]
     rows.append(("schedule", "baseline_lr1e-2_warmup100",
-                 c19["c19_baseline"] + ["optim.lr=1e-2", "optim.warmup_steps=100"]))
+                 method_keys("c19_baseline") + ["optim.lr=1e-2", "optim.warmup_steps=100"]))
     return rows
 
 
 def figure4_rows() -> list[tuple[str, str, list[str]]]:
     """The paper's Figure 4 (left), embedding dimension d vs mIoU: C = 19 at d = 4 to 64 (d = 7 is
     c19_ess), a second seed at d >= 12, and d = 32 at C = 150 and 1284 (Table 1's d there is 12)."""
-    rows_by_name = {name: keys for _, name, keys in method_rows()}
-
     def with_d(name: str, d: int) -> list[str]:
-        return [k for k in rows_by_name[name] if not k.startswith("model.embed_dim=")] + [f"model.embed_dim={d}"]
+        return [k for k in method_keys(name) if not k.startswith("model.embed_dim=")] + [f"model.embed_dim={d}"]
 
     rows = [("figure4", f"c19_ess_d{d}", with_d("c19_ess", d)) for d in (4, 12, 16, 32, 64)]
     rows += [("figure4", f"c19_ess_d{d}_seed1", with_d("c19_ess", d) + ["train.seed=1"]) for d in (12, 16, 32, 64)]
@@ -85,18 +88,16 @@ def figure4_rows() -> list[tuple[str, str, list[str]]]:
 
 def convergence_rows() -> list[tuple[str, str, list[str]]]:
     """The paper's Figure 4 (right): k = 7 random vs 7 nearest negatives, evaluated every 25 steps."""
-    c19 = {name: keys for _, name, keys in method_rows()}["c19_ess"]
-    return [("convergence", f"c19_ess_k7_{negatives}", c19 + ["method.k=7", f"method.negatives={negatives}",
-                                                             "train.eval_every=25"])
+    return [("convergence", f"c19_ess_k7_{negatives}",
+             method_keys("c19_ess") + ["method.k=7", f"method.negatives={negatives}", "train.eval_every=25"])
             for negatives in ("nearest", "random")]
 
 
 def knob_rows() -> list[tuple[str, str, list[str]]]:
     """C = 19, d = 7: other suspects for ESS's gap to the baseline, one switch each."""
-    c19 = {name: keys for _, name, keys in method_rows()}["c19_ess"]
     knobs = {"backbone_lr_x5": "optim.backbone_lr_mult=5.0", "tau0.1": "method.tau=0.1",
              "tau0.025": "method.tau=0.025", "wd1e-3": "optim.weight_decay=0.001"}
-    return [("knobs", f"c19_ess_{name}", c19 + [key]) for name, key in knobs.items()]
+    return [("knobs", f"c19_ess_{name}", method_keys("c19_ess") + [key]) for name, key in knobs.items()]
 
 
 def recipe_keys(path: Path) -> list[str]:
@@ -177,12 +178,17 @@ def table_md(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict], path: Path, title: str) -> None:
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 0.28 * len(rows) + 1.2), dpi=120)
     groups = sorted({r["group"] for r in rows})
     colors = {g: f"C{i}" for i, g in enumerate(groups)}
@@ -208,11 +214,7 @@ def _key(row: dict, key: str, default: str) -> str:
 def plot_figure4(rows: list[dict], path: Path) -> None:
     """mIoU vs embedding dimension d, one panel per C: ESS rows (methods + figure4 groups, one
     marker per seed) and the baseline's mIoU as a dashed line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     ess = [r for r in rows if r["method"] == "ess" and r["group"] in ("methods", "figure4") and "mIoU" in r]
     classes = sorted({r["classes"] for r in ess})
     if not classes:
@@ -244,11 +246,7 @@ def plot_figure4(rows: list[dict], path: Path) -> None:
 
 def plot_convergence(rows: list[dict], out: Path, path: Path) -> None:
     """mIoU over training steps of the `convergence` rows (their runs evaluate every 25 steps)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     runs = [r for r in rows if r["group"] == "convergence" and "mIoU" in r]
     if not runs:
         return
@@ -256,7 +254,8 @@ def plot_convergence(rows: list[dict], out: Path, path: Path) -> None:
     for r in runs:
         logs = [json.loads(line) for line in (out / r["row"] / "metrics.jsonl").read_text().splitlines()]
         points = sorted({x["step"]: 100 * x["eval"]["mIoU"] for x in logs if "eval" in x}.items())
-        ax.plot(*zip(*points), marker=".", label=_key(r, "method.negatives", "nearest") + f" (k = {_key(r, 'method.k', '')})")
+        label = f"{_key(r, 'method.negatives', 'nearest')} (k = {_key(r, 'method.k', '')})"
+        ax.plot(*zip(*points), marker=".", label=label)
     ax.set_xlabel("step")
     ax.set_ylabel("mIoU (%)")
     ax.set_title("Figure 4 (right) on the synthetic data: C = 19, d = 7", fontsize=9)
@@ -276,7 +275,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     wanted = args.groups.split(",")
-    todo = [r for r in method_rows() + ablation_rows() + schedule_rows() + figure4_rows() + knob_rows() + convergence_rows() if r[0] in wanted]
+    every = method_rows() + ablation_rows() + schedule_rows() + figure4_rows() + knob_rows() + convergence_rows()
+    todo = [r for r in every if r[0] in wanted]
     rows = []
     for group, name, keys in todo:
         rows.append(run_row(group, name, keys, args.out, args.extra))
