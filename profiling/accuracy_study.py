@@ -75,7 +75,8 @@ def schedule_rows() -> list[tuple[str, str, list[str]]]:
 
 def figure4_rows() -> list[tuple[str, str, list[str]]]:
     """The paper's Figure 4 (left), embedding dimension d vs mIoU: C = 19 at d = 4 to 64 (d = 7 is
-    c19_ess), a second seed at d >= 12, and d = 32 at C = 150 and 1284 (Table 1's d there is 12)."""
+    c19_ess), a second seed at d >= 12, d = 32 at C = 150 and 1284 (Table 1's d there is 12), and
+    ess_full at d = 32."""
     def with_d(name: str, d: int) -> list[str]:
         return [k for k in method_keys(name) if not k.startswith("model.embed_dim=")] + [f"model.embed_dim={d}"]
 
@@ -83,6 +84,7 @@ def figure4_rows() -> list[tuple[str, str, list[str]]]:
     rows += [("figure4", f"c19_ess_d{d}_seed1", with_d("c19_ess", d) + ["train.seed=1"]) for d in (12, 16, 32, 64)]
     rows += [("figure4", f"c{c}_ess_d32", with_d(f"c{c}_ess", 32)) for c in (150, 1284)]
     rows.append(("figure4", "c150_ess_d32_seed1", with_d("c150_ess", 32) + ["train.seed=1"]))
+    rows += [("figure4", f"c{c}_ess_full_d32", with_d(f"c{c}_ess_full", 32)) for c in (19, 150)]
     return rows
 
 

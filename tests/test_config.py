@@ -223,8 +223,9 @@ def test_accuracy_study_applies_every_ablation_recipe_to_the_synthetic_data():
     assert not set(figure4) & {name for _, name, _ in rows + study.schedule_rows()}
     assert [(c.data.num_classes, c.model.embed_dim, c.train.seed) for c in figure4.values()] == [
         (19, 4, 0), (19, 12, 0), (19, 16, 0), (19, 32, 0), (19, 64, 0), (19, 12, 1), (19, 16, 1), (19, 32, 1), (19, 64, 1),
-        (150, 32, 0), (1284, 32, 0), (150, 32, 1)]
+        (150, 32, 0), (1284, 32, 0), (150, 32, 1), (19, 32, 0), (150, 32, 0)]
     assert figure4["c1284_ess_d32"].method.k == 8 and figure4["c19_ess_d4"].method.name == "ess"
+    assert figure4["c150_ess_full_d32"].method.name == "ess_full"
     knobs = {name: study.row_config(keys) for _, name, keys in study.knob_rows()}
     assert knobs["c19_ess_tau0.1"].method.tau == 0.1 and knobs["c19_ess_backbone_lr_x5"].optim.backbone_lr_mult == 5
     assert {c.model.embed_dim for c in knobs.values()} == {7}
