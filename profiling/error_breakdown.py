@@ -61,13 +61,11 @@ def breakdown(run_dir: Path, band: int) -> dict:
         stride_size = output[key].shape[-2:]
         small = F.interpolate(target[:, None].float(), size=stride_size, mode="nearest")[:, 0].long()
         metrics["stride"].update(predict_labels(output, stride_size), small)
-    rows = {}
-    for name, m in metrics.items():
-        result = m.compute()
-        rows[name] = {"mIoU": round(100 * result["mIoU"], 2), "pAcc": round(100 * result["pAcc"], 2),
-                      "pixels": m.num_pixels}
+    results = {name: m.compute() for name, m in metrics.items()}
+    rows = {name: {"mIoU": round(100 * r["mIoU"], 2), "pAcc": round(100 * r["pAcc"], 2),
+                   "pixels": metrics[name].num_pixels} for name, r in results.items()}
     return {"run": str(run_dir), "method": cfg.method.name, "embed_dim": cfg.model.embed_dim, "band": band,
-            "IoU": [round(100 * x, 1) for x in metrics["all"].compute()["IoU"]], **rows}
+            "IoU": [round(100 * x, 1) for x in results["all"]["IoU"]], **rows}
 
 
 def main() -> None:
