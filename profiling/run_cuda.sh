@@ -8,8 +8,10 @@
 #   amp         1-process `accelerate launch` training of the synthetic recipe in fp32, fp16 and bf16;
 #   d32         (not in the default list) ESS and ess_full at batch 8, C = 1284, d = 32: the time cost
 #               of the synthetic recipe's d against b8's d = 12.
-# Usage: [PARTS=...] [PART_TIMEOUT_S=240] profiling/run_cuda.sh [RESULTS_DIR]  (default profiling/results).
-# Each part is time-boxed, so a short GPU lease still brings back the parts that finished.
+#   smoke       (not in the default list) one tiny cell: fails fast if the CUDA path is broken.
+# Usage: [PARTS=...] [PART_TIMEOUT_S=240] [DEADLINE_S=...] profiling/run_cuda.sh [RESULTS_DIR]
+# (default profiling/results). Each part is time-boxed, and with DEADLINE_S no part runs past that
+# many seconds from the start, so a short GPU lease still brings back the parts that finished.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 results=${1:-profiling/results}
@@ -20,7 +22,12 @@ status=0
 # short by its time box (or the lease) still brings back what it measured.
 mkdir -p "$results"
 exec > >(tee -a "$results/run_cuda.log") 2>&1
-run() { timeout "$limit" "$@" || { echo "FAILED or timed out ($?): $*"; status=1; }; }
+deadline=$((SECONDS + ${DEADLINE_S:-86400}))
+run() {
+  local box=$((deadline - SECONDS < limit ? deadline - SECONDS : limit))
+  [ "$box" -ge 10 ] || { echo "SKIPPED (deadline): $*"; status=1; return; }
+  timeout "$box" "$@" || { echo "FAILED or timed out ($?): $*"; status=1; }
+}
 
 grid() {  # $1: no | fp16
   local name; name=$([ "$1" = no ] && echo fp32 || echo "$1")
@@ -44,6 +51,8 @@ amp() {
 for part in $parts; do
   echo "== $part $(date -u +%T)"
   case $part in
+    smoke) timeout 120 esskit profile --device cuda --backbone resnet18 --crop 128 --classes 19 --methods ess \
+             --batch 2 --out /tmp/esskit-smoke || { echo "SMOKE FAILED"; exit 3; } ;;
     fp32) grid no ;;
     fp16) grid fp16 ;;
     b8) run esskit profile --device cuda --backbone resnet50 --crop 512 --budget-gib 70 --batch 8 \
@@ -55,7 +64,7 @@ for part in $parts; do
     d32) run esskit profile --device cuda --backbone resnet50 --crop 512 --budget-gib 70 --batch 8 \
            --classes 1284 --methods ess,ess_full --set model.embed_dim=32 \
            --out "$results/resnet50-512-fp32-b8-d32-cuda" ;;
-    *) echo "unknown part $part (fp32 fp16 b8 bench amp d32)"; status=1 ;;
+    *) echo "unknown part $part (smoke fp32 fp16 b8 bench amp d32)"; status=1 ;;
   esac
 done
 exit $status
