@@ -101,6 +101,49 @@ class CandidateCrossEntropy(torch.autograd.Function):
         return gx, gmu, None, None, None, None, None
 
 
+class DenseCandidateCrossEntropy(torch.autograd.Function):
+    """`CandidateCrossEntropy` computed through each chunk's full logits [rows, C]: one matmul,
+    then the k+1 candidates' columns (gather); backward scatters their gradients back into the
+    [rows, C] block and runs `FullCrossEntropy`'s two matmuls. No [rows, k+1, d] gathers, tiny
+    batched matmuls or index_add_ atomics (many pixels share few classes): for small C the
+    GPU-friendly form. Same inputs, same result."""
+
+    @staticmethod
+    def forward(ctx, x, mu, cand, target, tau: float, normalize: bool, rows: int):
+        with _fp32(x):
+            sq = mu.pow(2).sum(1)
+            total = x.new_zeros(())
+            for start, stop in chunk_ranges(x.shape[0], rows, x):
+                z = _full_logits(x[start:stop], mu, sq, tau, normalize)[0].gather(1, cand[start:stop].long())
+                total += ((z.logsumexp(1) - z[:, 0]) * _weights(target[start:stop], 1.0, z.dtype)).sum()
+        ctx.save_for_backward(x, mu, cand, target)
+        ctx.tau, ctx.normalize, ctx.rows = tau, normalize, rows
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, mu, cand, target = ctx.saved_tensors
+        tau, normalize = ctx.tau, ctx.normalize
+        gx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+        gmu, gsq = torch.zeros_like(mu), mu.new_zeros(mu.shape[0])
+        with _fp32(x):
+            sq = mu.pow(2).sum(1)
+            for start, stop in chunk_ranges(x.shape[0], ctx.rows, x):
+                xc, c = x[start:stop], cand[start:stop].long()
+                full, xh = _full_logits(xc, mu, sq, tau, normalize)
+                g = full.gather(1, c).softmax(1)
+                g[:, 0] -= 1
+                g *= _weights(target[start:stop], grad, g.dtype)[:, None]  # dL/dz
+                full.zero_().scatter_add_(1, c, g)  # dL/d(full logits): random negatives may repeat
+                if gx is not None:
+                    gxh = (full @ mu) * (2 / tau)
+                    gx[start:stop] = unit_backward(xc, gxh) if normalize else gxh
+                gmu.addmm_(full.T, xh, alpha=2 / tau)
+                gsq -= full.sum(0) / tau
+            gmu += 2 * gsq[:, None] * mu  # the -|mu|^2/tau term
+        return gx, gmu, None, None, None, None, None
+
+
 def _full_logits(xc, mu, sq, tau: float, normalize: bool):
     """Full-softmax logits of one chunk [n, C] (up to a per-pixel constant) and the unit chunk."""
     xh = unit(xc, normalize)

@@ -52,7 +52,7 @@ def gather_ess(emb, class_emb, target, cfg: MethodConfig, knn):
     x, t, mu = F.normalize(x[keep], dim=1), t[keep], F.normalize(class_emb.float(), dim=1)
     _, idx = knn(x.detach(), mu.detach(), cfg.k + 1)
     is_target = idx == t[:, None]
-    key = torch.arange(cfg.k + 1).expand_as(idx).masked_fill(is_target, cfg.k + 1)
+    key = torch.arange(cfg.k + 1, device=idx.device).expand_as(idx).masked_fill(is_target, cfg.k + 1)
     neg = idx.gather(1, key.argsort(dim=1)[:, :cfg.k])
     candidates = torch.cat([t[:, None], neg], dim=1)
     logits = -(x[:, None, :] - mu[candidates]).pow(2).sum(-1) / cfg.tau
@@ -67,6 +67,12 @@ def _full(builtin):
     return loss
 
 
+def _ess(dense):
+    def loss(emb, class_emb, target, cfg, knn):
+        return ess_paper_loss(emb, class_emb, target, cfg, knn, dense=dense)
+    return loss
+
+
 def _baseline(logits, class_emb, target, cfg, knn):
     return segmentation_loss({"logits": logits}, target, cfg)[0]
 
@@ -75,7 +81,8 @@ def _baseline(logits, class_emb, target, cfg, knn):
 VARIANTS = {
     "baseline": (_baseline, {"name": "baseline"}, "baseline CE (C-way softmax)"),
     "ess_gather": (gather_ess, {}, "ESS Eq. 6, pre-lean gather"),
-    "ess": (ess_paper_loss, {}, "ESS Eq. 6, lean"),
+    "ess": (_ess(False), {}, "ESS Eq. 6, lean (gathered candidates)"),
+    "ess_dense": (_ess(True), {}, "ESS Eq. 6, lean ([rows, C] logit blocks)"),
     "ess_faiss": (ess_paper_loss, {"knn": "faiss"}, "ESS lean, FAISS kNN"),
     "ess_feature": (ess_paper_loss, {"knn_at": "feature"}, "ESS lean, knn_at=feature"),
     "ess_block2": (ess_paper_loss, {"knn_block": 2}, "ESS lean, knn_block=2"),

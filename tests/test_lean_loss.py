@@ -66,11 +66,13 @@ def _assert_same(ours, reference, rtol=1e-4, atol=1e-6):
 # rows per chunk: 1, 7 (does not divide 150), 150 (exactly one chunk), 10_000 (bigger than the input)
 @pytest.mark.parametrize("rows", [1, 7, 150, 10_000])
 @pytest.mark.parametrize("normalize", [True, False])
-def test_ess_loss_chunks_equal_reference(rows, normalize):
+@pytest.mark.parametrize("dense", [False, True])  # gathered candidates, or [rows, C] logit blocks
+def test_ess_loss_chunks_equal_reference(rows, normalize, dense):
     x, mu, t = _inputs(seed=rows)
     k, tau = 4, 0.1 if normalize else 2.0
-    chunk = 4 * (k + 1) * x.shape[1] * rows
-    ours = _grads(lambda a, m: ess_loss(a, m, t, k, tau, normalize=normalize, chunk_bytes=chunk), x, mu)
+    chunk = 4 * (mu.shape[0] if dense else (k + 1) * x.shape[1]) * rows
+    ours = _grads(lambda a, m: ess_loss(a, m, t, k, tau, normalize=normalize, chunk_bytes=chunk, dense=dense),
+                  x, mu)
     reference = _grads(lambda a, m: _reference_ess(a, m, t, k, tau, normalize), x, mu)
     _assert_same(ours, reference)
     assert torch.all(ours[1][t == IGNORE_INDEX] == 0)  # ignore pixels weigh exactly 0
@@ -100,6 +102,15 @@ def test_ess_full_without_normalisation_and_all_ignore(builtin):
     for fn in (lambda a, m: ess_full_loss(a, m, none, builtin=builtin), lambda a, m: ess_loss(a, m, none, 3)):
         loss, gx, gmu = _grads(fn, x, mu)
         assert loss.item() == 0.0 and torch.all(gx == 0) and torch.all(gmu == 0)
+
+
+def test_dense_and_gathered_eq6_agree_with_repeated_random_negatives():
+    # Random negatives are drawn with replacement: a class can appear twice among a pixel's
+    # candidates, and the dense form must add both gradients (scatter_add_), as the gather does.
+    x, mu, t = _inputs(n=400, c=5, d=4, seed=7)
+    runs = [_grads(lambda a, m: ess_loss(a, m, t, 6, 0.1, negatives="random", dense=dense), x, mu)
+            for dense in (False, True) for _ in [torch.manual_seed(0)]]
+    _assert_same(runs[1], runs[0])
 
 
 def test_ess_with_k_c_minus_1_equals_ess_full():

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from esskit.cli import app
 from esskit.config import Config, build_config
 from esskit.profile.estimate import MIB, MemoryTracker, block_bytes, estimate_training_peak, reserved_bytes
-from esskit.profile.search import COLUMNS, Trial, max_batch_size
+from esskit.profile.search import COLUMNS, ProfileSpec, Trial, _note, max_batch_size
 from esskit.profile.step import cell_config
 
 
@@ -172,6 +172,8 @@ def test_cuda_measurer_control_flow_without_a_gpu(monkeypatch):
     monkeypatch.setattr(measure, "estimate_training_peak", lambda cfg, batch: MemoryEstimate(5 * MIB, 4 * MIB))
 
     def step(model, optimizer, batch, target, cfg, amp, knn=None):
+        if batch == 100:  # what torch raised for the baseline's 2^31+-element logits on an H200
+            raise RuntimeError("CUDA error: invalid argument\nSearch for `cudaErrorInvalidValue'")
         if batch > 6:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         time.sleep(0.004)  # the step's own work
@@ -184,6 +186,10 @@ def test_cuda_measurer_control_flow_without_a_gpu(monkeypatch):
     cfg = cell_config(Config(), method="ess", num_classes=19, backbone="resnet18", crop=(64, 64), precision="no")
     assert measurer.try_batch(cfg, 6) == Trial(6, True, 3 * MIB, 2 * MIB)
     assert measurer.try_batch(cfg, 7) == Trial(7, False, None, None)
+    too_large = measurer.try_batch(cfg, 100)
+    assert not too_large.fits and "invalid argument" in too_large.failure
+    spec = ProfileSpec(classes=[19], batch=100)
+    assert _note(spec, 0, [too_large]).startswith("batch 100 does not run: a kernel refused")
     row = measurer.extra(cfg, 6)
     assert row["estimated_peak_mib"] == 5.0 and row["train_s_per_iter"] >= 0 and row["infer_s_per_img"] >= 0
     assert row["train_s_per_img"] == pytest.approx(row["train_s_per_iter"] / 6, abs=1e-4)

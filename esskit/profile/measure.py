@@ -26,6 +26,9 @@ TRAIN_WARMUP, TRAIN_ITERS = 2, 5
 INFER_WARMUP, INFER_ITERS = 3, 10
 # cuDNN/cuBLAS report a failed workspace allocation with these instead of OutOfMemoryError.
 OOM_MESSAGES = ("out of memory", "CUDNN_STATUS_ALLOC_FAILED", "CUBLAS_STATUS_ALLOC_FAILED")
+# Kernels that index with 32 bits refuse tensors of 2^31+ elements at launch (e.g. the baseline's
+# [8, 1284, 512, 512] logits on an H200 with room for them); non-sticky, so the search goes on.
+SIZE_LIMIT_MESSAGES = ("CUDA error: invalid argument", "invalid configuration argument")
 
 
 def gpu_name_and_memory(device: torch.device) -> tuple[str, int]:
@@ -59,6 +62,15 @@ def is_out_of_memory(error: BaseException) -> bool:
         isinstance(error, RuntimeError) and any(m in str(error) for m in OOM_MESSAGES))
 
 
+def failure_reason(error: BaseException) -> str | None:
+    """Why a batch cannot run ("out of memory" or a kernel's size limit), or None for a real bug."""
+    if is_out_of_memory(error):
+        return "out of memory"
+    if isinstance(error, RuntimeError) and any(m in str(error) for m in SIZE_LIMIT_MESSAGES):
+        return "a kernel refused the tensor size (CUDA error: invalid argument; 2^31+ elements?)"
+    return None
+
+
 def release_memory(device: torch.device) -> None:
     """Return everything the last trial left to the allocator, then the allocator's cache to the
     driver, so each trial starts from an empty GPU and its peak is its own."""
@@ -87,18 +99,21 @@ class CudaMeasurer:
 
     def try_batch(self, cfg: Config, batch: int) -> Trial:
         release_memory(self.device)
+        reason = None
         try:
             self._train_steps(cfg, batch, steps=2)
-            fits = True
-        except Exception as error:  # noqa: BLE001 (only out-of-memory is expected, see below)
-            if not is_out_of_memory(error):
+        except Exception as error:  # noqa: BLE001 (only out-of-memory and size limits are expected)
+            reason = failure_reason(error)
+            if reason is None:
                 raise
-            fits = False  # the frames holding the trial's tensors go with the exception
+            # the frames holding the trial's tensors go with the exception
+        fits = reason is None
         peak = torch.cuda.max_memory_reserved(self.device)
         peak_allocated = torch.cuda.max_memory_allocated(self.device)
         release_memory(self.device)
-        # After an OOM the peaks are those of a partial step: a lower bound, not a result.
-        return Trial(batch, fits, peak if fits else None, peak_allocated if fits else None)
+        # After a failure the peaks are those of a partial step: a lower bound, not a result.
+        return Trial(batch, fits, peak if fits else None, peak_allocated if fits else None,
+                     None if fits or reason == "out of memory" else reason)
 
     def _train_steps(self, cfg: Config, batch: int, steps: int, time_knn: bool = False) -> list[tuple[float, float]]:
         """Run `steps` training steps; the seconds of each, synchronised, and of the kNN searches in
@@ -136,10 +151,11 @@ class CudaMeasurer:
             release_memory(self.device)
             row["infer_s_per_img"] = round(self._inference_seconds(cfg), 4)
         except Exception as error:  # noqa: BLE001
-            if not is_out_of_memory(error):
+            reason = failure_reason(error)
+            if reason is None:
                 raise
             # Fragmentation over more iterations can tip the max batch over the cap.
-            row["note"] = f"out of memory while timing at batch {batch}"
+            row["note"] = f"{reason} while timing at batch {batch}"
         release_memory(self.device)
         return row
 

@@ -35,6 +35,7 @@ class Trial:
     fits: bool
     peak_bytes: int | None = None  # reserved memory (measured) or its estimate
     peak_allocated_bytes: int | None = None  # allocated memory (measured) or its estimate
+    failure: str | None = None  # why it did not run, when not for lack of memory
 
 
 def max_batch_size(try_batch: Callable[[int], Trial], limit: int = 256,
@@ -164,6 +165,9 @@ def profile_cell(spec: ProfileSpec, backend: Backend, method: str, num_classes: 
 
 
 def _note(spec: ProfileSpec, best: int, trials: list[Trial]) -> str:
+    failed = next((t for t in trials if t.failure), None)
+    if failed is not None:  # the search treats it as "too big"; say so, it is not a memory limit
+        return f"batch {failed.batch} does not run: {failed.failure}"
     if spec.batch and best == 0:
         needed = trials[0].peak_bytes
         return (f"batch {spec.batch} does not fit in {spec.budget_gib:g} GiB" +

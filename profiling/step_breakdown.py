@@ -1,0 +1,111 @@
+"""Where an ESS training step spends its time on a GPU, and how fast the kNN's top-k selection is.
+
+1. `torch.profiler` over a few training steps of `esskit profile`'s own step (ResNet50, crop
+   512², batch 8 by default) per (method, C): the kernels that take the most GPU time.
+2. The selection inside the exact kNN (`esskit.knn.knn_exact`): `torch.topk` on one 64 MiB
+   distance block [rows, C] against k+1 passes of `max` (exact too: same values), per C.
+
+    python profiling/step_breakdown.py --out profiling/results/step_breakdown-cuda   # needs a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from esskit.config import Config
+from esskit.profile.step import MixedPrecision, build_training, cell_config, synthetic_batch, training_step
+
+
+def step_table(method: str, classes: int, batch: int, crop: int, steps: int = 3, rows: int = 25,
+               backbone: str = "resnet50", device: str = "cuda") -> str:
+    """The profiler's table of `steps` training steps after two warm-up steps, by own GPU time."""
+    cfg = cell_config(Config(), method=method, num_classes=classes, backbone=backbone, crop=(crop, crop),
+                      precision="no")
+    model, optimizer = build_training(cfg, device)
+    amp = MixedPrecision("no", device)
+    images, target = synthetic_batch(cfg, batch, device)
+    for _ in range(2):
+        training_step(model, optimizer, images, target, cfg, amp)
+    gpu = device == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            training_step(model, optimizer, images, target, cfg, amp)
+        if gpu:
+            torch.cuda.synchronize()
+    sort = "self_cuda_time_total" if gpu else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=60)
+
+
+def topk_by_max(d: torch.Tensor, k: int) -> torch.Tensor:
+    """The k smallest values per row by k passes of min (each found entry then set to +inf)."""
+    d = d.clone()
+    values = []
+    for _ in range(k):
+        v, i = d.min(1)
+        values.append(v)
+        d.scatter_(1, i[:, None], float("inf"))
+    return torch.stack(values, 1)
+
+
+def gpu_seconds(fn, reps: int = 5) -> float:
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / reps
+
+
+def selection_rows(classes: list[int], k: int, block_mib: int = 64) -> list[dict]:
+    out = []
+    for c in classes:
+        rows = block_mib * 2**20 // (4 * c)
+        d = torch.rand(rows, c, device="cuda")
+        by_topk = torch.topk(d, k, dim=1, largest=False, sorted=True).values
+        assert torch.equal(topk_by_max(d, k), by_topk)  # exact: the same k values, in order
+        topk_s = gpu_seconds(lambda: torch.topk(d, k, dim=1, largest=False, sorted=True))
+        max_s = gpu_seconds(lambda: topk_by_max(d, k))
+        copy_s = gpu_seconds(lambda: d.clone())  # a bandwidth yardstick: one read + one write
+        out.append({"classes": c, "rows": rows, "k": k, "topk_ms": round(topk_s * 1e3, 3),
+                    "max_passes_ms": round(max_s * 1e3, 3), "clone_ms": round(copy_s * 1e3, 3)})
+        print(json.dumps(out[-1]), flush=True)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cells", default="ess:19,ess:1284,ess_full:1284,baseline:19",
+                        help="method:C pairs to profile")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--crop", type=int, default=512)
+    parser.add_argument("--selection-classes", default="19,150,1284,10000,100000")
+    parser.add_argument("--k", type=int, default=7, help="k+1 of the default method.k = 6")
+    parser.add_argument("--out", type=Path, default=Path("profiling/results/step_breakdown-cuda"))
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("step_breakdown.py measures GPU kernels: no CUDA GPU is visible here")
+    args.out.mkdir(parents=True, exist_ok=True)
+    selection = selection_rows([int(c) for c in args.selection_classes.split(",")], args.k)
+    (args.out / "selection.json").write_text(json.dumps({"device": torch.cuda.get_device_name(),
+                                                         "rows": selection}, indent=1))
+    tables = []
+    for cell in args.cells.split(","):
+        method, classes = cell.split(":")
+        table = step_table(method, int(classes), args.batch, args.crop)
+        torch.cuda.empty_cache()
+        tables.append(f"## {method}, C = {classes}, batch {args.batch}, {args.crop}², fp32\n\n```\n{table}\n```\n")
+        (args.out / "steps.md").write_text(f"# Step breakdown on {torch.cuda.get_device_name()}\n\n"
+                                           + "\n".join(tables))
+        print(tables[-1], flush=True)
+
+
+if __name__ == "__main__":
+    main()
