@@ -22,9 +22,12 @@ from esskit.knn import (GridNeighbours, block_neighbours, chunk_ranges, feature_
 
 ESSNET_SCALE = 20.0  # the official code's logits: -20 * |x - mu| (not squared)
 LOSS_CHUNK_BYTES = 64 * 2**20  # default of method.loss_chunk_mib
-# Eq. 6 through [rows, C] logit blocks (matmuls) up to this C, through gathered candidates above
-# (per device type; CPU: measured break-even between 19 and 150 classes, 2 cores).
-DENSE_MAX_CLASSES = {"cpu": 64, "cuda": 2048}
+# Eq. 6 through [rows, C] logit blocks (matmuls) up to this C, through gathered candidates above:
+# the dense form costs ~C, the gathered one a constant (profiling/README.md, "GPU: where the time
+# goes"). H200, 2M pixels: loss minus kNN 5.5 vs 62 ms at C = 19, 16 vs 46 ms at C = 150, and
+# ~2.3x slower than gathered at C = 1284 (break-even ~440). One threshold for every device, tuned
+# for GPUs (CPU, 2 cores: even at C ~ 150), so the profiler's CPU estimate follows the GPU's path.
+DENSE_MAX_CLASSES = 384
 
 
 def drop_target(found: torch.Tensor, target: torch.Tensor, k: int) -> torch.Tensor:
@@ -91,7 +94,7 @@ def ess_loss(pixel_emb: torch.Tensor, class_emb: torch.Tensor, target: torch.Ten
     pixel_emb [N, d], class_emb [C, d], target [N] (IGNORE_INDEX pixels weigh 0). With k = C - 1
     this is exactly the full softmax cross-entropy of Eq. 5. Memory: the int32 candidates
     [N, k+1] plus chunks of `chunk_bytes`; pixel embeddings are normalised chunk by chunk.
-    `dense` computes it through [rows, C] logit blocks (None: when C <= DENSE_MAX_CLASSES of the device).
+    `dense` computes it through [rows, C] logit blocks (None: when C <= DENSE_MAX_CLASSES).
     """
     x, mu = pixel_emb.float(), class_emb.float()
     if normalize:
@@ -100,7 +103,7 @@ def ess_loss(pixel_emb: torch.Tensor, class_emb: torch.Tensor, target: torch.Ten
     cand = ess_candidates(x.detach(), mu.detach(), target, k, rows=rows, negatives=negatives,
                           normalize=normalize, knn=knn, neighbours=neighbours)
     if dense is None:
-        dense = mu.shape[0] <= DENSE_MAX_CLASSES.get(x.device.type, 0)
+        dense = mu.shape[0] <= DENSE_MAX_CLASSES
     if dense:
         total = DenseCandidateCrossEntropy.apply(x, mu, cand, target, tau, normalize,
                                                  max(1, chunk_bytes // (4 * mu.shape[0])))

@@ -89,9 +89,10 @@ def test_search_order_is_doubling_then_bisection():
 
 
 def _peak(method, num_classes, batch, crop):
-    # A 1 MiB kNN block: the [rows, C] distance block otherwise grows with C up to its 256 MiB cap,
-    # which at this tiny scale is a large share of the step (at 512x512 it is a few percent).
-    base = build_config({"method": {"knn_chunk_mib": 1}})
+    # 1 MiB kNN and loss blocks: the [rows, C] distance block and the dense Eq. 6's [rows, C] logit
+    # block otherwise grow with C up to their 64 MiB caps, a large share of the step at this tiny
+    # scale (at 512x512 every C fills them and they are a few percent).
+    base = build_config({"method": {"knn_chunk_mib": 1, "loss_chunk_mib": 1}})
     cfg = cell_config(base, method=method, num_classes=num_classes, backbone="resnet18", crop=(crop, crop),
                       precision="no")
     return estimate_training_peak(cfg, batch).peak_allocated_bytes
