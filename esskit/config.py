@@ -53,7 +53,7 @@ class MethodConfig:
     margin_weight: float = 1.0  # weight of Eq. 7 in the loss; 0 disables it (Table 3 ablation)
     negatives: str = "nearest"  # "nearest" (kNN) or "random" (Table 2 ablation)
     normalize: bool = True  # L2-normalise pixel and class embeddings (Table 3 ablation)
-    knn: str = "torch"  # exact kNN backend: "torch" (chunked) or "faiss" (optional extra)
+    knn: str = "torch"  # exact kNN backend: "torch" (chunked), "faiss" (optional extra) or "triton" (fused, CUDA)
     knn_chunk_mib: int = 64  # memory budget of one kNN distance block [rows, C] (fp32)
     knn_at: str = "label"  # "label" (paper) or "feature": one search per stride-4 decoder pixel, shared
     knn_block: int = 1  # 1 (paper), 2 or 4: one search per b x b label-pixel block (its mean direction)
@@ -63,7 +63,7 @@ class MethodConfig:
         _check_choice("method", "name", self.name, ("ess", "ess_full", "baseline"))
         _check_choice("method", "variant", self.variant, ("paper", "essnet"))
         _check_choice("method", "negatives", self.negatives, ("nearest", "random"))
-        _check_choice("method", "knn", self.knn, ("torch", "faiss"))
+        _check_choice("method", "knn", self.knn, ("torch", "faiss", "triton"))
         _check_choice("method", "knn_at", self.knn_at, ("label", "feature"))
         _check_choice("method", "knn_block", self.knn_block, (1, 2, 4))
         _check_positive("method", self, ["k", "tau", "knn_chunk_mib", "loss_chunk_mib"])

@@ -88,6 +88,9 @@ def knn_backend(name: str, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
     """The search function selected by `method.knn`."""
     if name == "faiss":
         return knn_faiss
+    if name == "triton":
+        from esskit.knn_triton import knn_triton
+        return knn_triton
     return lambda queries, keys, k: knn_exact(queries, keys, k, chunk_bytes)
 
 

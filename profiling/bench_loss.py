@@ -85,6 +85,7 @@ VARIANTS = {
     "ess": (_ess(False), {}, "ESS Eq. 6, lean (gathered candidates)"),
     "ess_dense": (_ess(True), {}, "ESS Eq. 6, lean ([rows, C] logit blocks)"),
     "ess_faiss": (ess_paper_loss, {"knn": "faiss"}, "ESS lean, FAISS kNN"),
+    "ess_triton": (ess_paper_loss, {"knn": "triton"}, "ESS lean, fused Triton kNN"),
     "ess_feature": (ess_paper_loss, {"knn_at": "feature"}, "ESS lean, knn_at=feature"),
     "ess_block2": (ess_paper_loss, {"knn_block": 2}, "ESS lean, knn_block=2"),
     "ess_block4": (ess_paper_loss, {"knn_block": 4}, "ESS lean, knn_block=4"),
@@ -187,10 +188,12 @@ def differing_fraction(cfg: MethodConfig, inputs, chunk_rows: int = 2**15) -> fl
     return round(float(differ.sum() / (t != IGNORE_INDEX).sum()), 4)
 
 
-def unavailable(name: str, cfg: MethodConfig) -> str | None:
+def unavailable(name: str, cfg: MethodConfig, device: torch.device) -> str | None:
     """Why this variant cannot run here (an optional library or a newer torch), else None."""
     if cfg.knn == "faiss" and importlib.util.find_spec("faiss") is None:
         return "FAISS is not installed"
+    if cfg.knn == "triton" and (device.type != "cuda" or importlib.util.find_spec("triton") is None):
+        return "the Triton kNN needs a CUDA GPU"
     if name == "ess_full" and not has_builtin_linear_cross_entropy():
         return f"torch {torch.__version__} has no torch.nn.functional.linear_cross_entropy"
     return None
@@ -203,7 +206,7 @@ def bench_cell(name: str, classes: int, args) -> dict:
     row = dict.fromkeys(COLUMNS)
     row.update(device=args.device_name, variant=name, classes=classes, pixels=args.batch * args.size ** 2,
                d=args.d, k=args.k, note="")
-    missing = unavailable(name, cfg)
+    missing = unavailable(name, cfg, args.device)
     if missing:
         row["note"] = f"not run: {missing}"
         return row

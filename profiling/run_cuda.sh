@@ -9,6 +9,8 @@
 #   d32         (not in the default list) ESS and ess_full at batch 8, C = 1284, d = 32: the time cost
 #               of the synthetic recipe's d against b8's d = 12.
 #   smoke       (not in the default list) one tiny cell: fails fast if the CUDA path is broken.
+#   knn         (not in the default list) the fused Triton kNN: its GPU tests, then chunked vs fused
+#               search times (step_breakdown.py) and ESS at batch 8 with method.knn = "triton".
 # Usage: [PARTS=...] [PART_TIMEOUT_S=240] [DEADLINE_S=...] profiling/run_cuda.sh [RESULTS_DIR]
 # (default profiling/results). Each part is time-boxed, and with DEADLINE_S no part runs past that
 # many seconds from the start, so a short GPU lease still brings back the parts that finished.
@@ -64,7 +66,13 @@ for part in $parts; do
     d32) run esskit profile --device cuda --backbone resnet50 --crop 512 --budget-gib 70 --batch 8 \
            --classes 1284 --methods ess,ess_full --set model.embed_dim=32 \
            --out "$results/resnet50-512-fp32-b8-d32-cuda" ;;
-    *) echo "unknown part $part (smoke fp32 fp16 b8 bench amp d32)"; status=1 ;;
+    knn) run python -m pytest -q tests/test_knn_triton.py
+         run python profiling/step_breakdown.py --cells ess:1284:triton --selection-classes "" \
+           --out "$results/step_breakdown-triton-cuda"
+         run esskit profile --device cuda --backbone resnet50 --crop 512 --budget-gib 70 --batch 8 \
+           --classes 150,1284,10000,100000 --methods ess --set method.knn=triton \
+           --out "$results/resnet50-512-fp32-b8-triton-cuda" ;;
+    *) echo "unknown part $part (smoke fp32 fp16 b8 bench amp d32 knn)"; status=1 ;;
   esac
 done
 exit $status

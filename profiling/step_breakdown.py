@@ -4,6 +4,8 @@
    512², batch 8 by default) per (method, C): the kernels that take the most GPU time.
 2. The selection inside the exact kNN (`esskit.knn.knn_exact`): `torch.topk` on one 64 MiB
    distance block [rows, C] against k+1 passes of `max` (exact too: same values), per C.
+3. The whole search: `knn_exact` (chunked matmul + topk) against `knn_triton` (one fused kernel)
+   on 2M queries (8 x 512^2 pixels), d = 12, per C, with the fused results checked against it.
 
     python profiling/step_breakdown.py --out profiling/results/step_breakdown-cuda   # needs a GPU
 """
@@ -18,14 +20,14 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from esskit.config import Config
+from esskit.config import build_config
 from esskit.profile.step import MixedPrecision, build_training, cell_config, synthetic_batch, training_step
 
 
 def step_table(method: str, classes: int, batch: int, crop: int, steps: int = 3, rows: int = 25,
-               backbone: str = "resnet50", device: str = "cuda") -> str:
+               backbone: str = "resnet50", device: str = "cuda", knn: str = "torch") -> str:
     """The profiler's table of `steps` training steps after two warm-up steps, by own GPU time."""
-    cfg = cell_config(Config(), method=method, num_classes=classes, backbone=backbone, crop=(crop, crop),
+    cfg = cell_config(build_config({"method": {"knn": knn}}), method=method, num_classes=classes, backbone=backbone, crop=(crop, crop),
                       precision="no")
     model, optimizer = build_training(cfg, device)
     amp = MixedPrecision("no", device)
@@ -80,28 +82,49 @@ def selection_rows(classes: list[int], k: int, block_mib: int = 64) -> list[dict
     return out
 
 
+def knn_rows(classes: list[int], k: int, n: int = 8 * 512 * 512, d: int = 12) -> list[dict]:
+    from esskit.knn import knn_exact
+    from esskit.knn_triton import knn_triton
+
+    out = []
+    for c in classes:
+        queries = torch.nn.functional.normalize(torch.randn(n, d, device="cuda"), dim=1)
+        keys = torch.nn.functional.normalize(torch.randn(c, d, device="cuda"), dim=1)
+        exact, fused = knn_exact(queries, keys, k), knn_triton(queries, keys, k)
+        row = {"classes": c, "queries": n, "d": d, "k": k,
+               "max_dist_diff": float((exact[0] - fused[0]).abs().max()),
+               "index_mismatch_frac": float((exact[1] != fused[1]).any(1).float().mean()),
+               "exact_ms": round(gpu_seconds(lambda: knn_exact(queries, keys, k), reps=3) * 1e3, 2),
+               "triton_ms": round(gpu_seconds(lambda: knn_triton(queries, keys, k), reps=3) * 1e3, 2)}
+        out.append(row)
+        print(json.dumps(row), flush=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cells", default="ess:19,ess:1284,ess_full:1284,baseline:19",
-                        help="method:C pairs to profile")
+                        help="method:C[:knn backend] cells to profile")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--crop", type=int, default=512)
     parser.add_argument("--selection-classes", default="19,150,1284,10000,100000")
     parser.add_argument("--k", type=int, default=7, help="k+1 of the default method.k = 6")
+    parser.add_argument("--knn-classes", default="19,150,1284,10000,100000", help="'' skips the kNN comparison")
     parser.add_argument("--out", type=Path, default=Path("profiling/results/step_breakdown-cuda"))
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("step_breakdown.py measures GPU kernels: no CUDA GPU is visible here")
     args.out.mkdir(parents=True, exist_ok=True)
-    selection = selection_rows([int(c) for c in args.selection_classes.split(",")], args.k)
+    selection = selection_rows([int(c) for c in args.selection_classes.split(",") if c], args.k)
+    knn = knn_rows([int(c) for c in args.knn_classes.split(",") if c], args.k)
     (args.out / "selection.json").write_text(json.dumps({"device": torch.cuda.get_device_name(),
-                                                         "rows": selection}, indent=1))
+                                                         "rows": selection, "knn": knn}, indent=1))
     tables = []
     for cell in args.cells.split(","):
-        method, classes = cell.split(":")
-        table = step_table(method, int(classes), args.batch, args.crop)
+        method, classes, *knn = cell.split(":")
+        table = step_table(method, int(classes), args.batch, args.crop, knn=knn[0] if knn else "torch")
         torch.cuda.empty_cache()
-        tables.append(f"## {method}, C = {classes}, batch {args.batch}, {args.crop}², fp32\n\n```\n{table}\n```\n")
+        tables.append(f"## {cell}, batch {args.batch}, {args.crop}², fp32\n\n```\n{table}\n```\n")
         (args.out / "steps.md").write_text(f"# Step breakdown on {torch.cuda.get_device_name()}\n\n"
                                            + "\n".join(tables))
         print(tables[-1], flush=True)

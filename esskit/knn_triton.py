@@ -1,0 +1,105 @@
+"""Exact kNN as one fused Triton kernel: distances and k-selection in registers, FAISS-style.
+
+On an H200 the chunked search (`knn.knn_exact`) spends most of its time in `torch.topk`, 10-50x
+slower than the memory allows (profiling/README.md, "Measured on a GPU"). Here each program takes
+BLOCK_N queries and streams the keys in tiles of BLOCK_C. It computes each tile's squared distances
+as |q|^2 + |k|^2 - 2 q.k in fp32 (the FAISS IndexFlatL2 form, as `knn_exact`) and merges the tile
+into a running per-query top-k held in registers. A merge repeatedly moves the tile's smallest distance into the
+slot of the current worst of the k, and stops once no query's tile minimum beats its worst, so
+after the first tiles most tiles cost one min and one max. Nothing of size [N, C] is written.
+
+`method.knn = "triton"`: CUDA tensors (or any tensors under TRITON_INTERPRET=1, which the tests
+use on CPUs). Fake tensors (the profiler's estimate) take `knn_exact`, whose blocks bound this
+kernel's memory (it allocates only its [N, k] outputs).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch._subclasses.fake_tensor import is_fake
+
+from esskit.errors import ConfigError
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # triton ships with torch's CUDA wheels on Linux, not everywhere
+    triton = None
+
+# 32 x 32 tiles, 4 warps: ~80-100 registers and no spills for d = 7 ... 64 (ptxas -v, sm_90a).
+BLOCK_N, BLOCK_C = 32, 32
+
+
+def triton_available() -> bool:
+    return triton is not None
+
+
+if triton is not None:
+    @triton.jit
+    def _knn_kernel(q_ptr, k_ptr, out_d_ptr, out_i_ptr, n, c, D: tl.constexpr, DP: tl.constexpr, KK: tl.constexpr,
+                    K_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < n
+        dims = tl.arange(0, DP)
+        slots = tl.arange(0, K_PAD)
+        tile_cols = tl.arange(0, BLOCK_C)
+        q = tl.load(q_ptr + rows[:, None] * D + dims[None, :], mask=row_ok[:, None] & (dims[None, :] < D), other=0.0)
+        # Slots past k hold -inf: never the worst, so never replaced (K_PAD is a power of two).
+        best_d = tl.where(slots[None, :] < KK, float("inf"), -float("inf")) + tl.zeros([BLOCK_N, K_PAD], tl.float32)
+        best_i = tl.zeros([BLOCK_N, K_PAD], dtype=tl.int32)
+        for c0 in range(0, c, BLOCK_C):
+            cols = c0 + tile_cols
+            col_ok = cols < c
+            kt = tl.load(k_ptr + cols[None, :] * D + dims[:, None], mask=col_ok[None, :] & (dims[:, None] < D),
+                         other=0.0)
+            # |k|^2 - 2 q.k ranks like |q - k|^2 (|q|^2 is added at the end); fp32 products, no TF32
+            dist = tl.sum(kt * kt, 0)[None, :] - 2 * tl.dot(q, kt, input_precision="ieee")
+            dist = tl.where(col_ok[None, :], dist, float("inf"))
+            low = tl.min(dist, 1)
+            worst = tl.max(best_d, 1)
+            pending = tl.sum((low < worst).to(tl.int32), 0)
+            while pending > 0:  # at most k rounds: each moves one tile entry into a query's top-k
+                at = tl.argmin(dist, 1)
+                slot = (slots[None, :] == tl.argmax(best_d, 1)[:, None]) & (low < worst)[:, None]
+                best_d = tl.where(slot, low[:, None], best_d)
+                best_i = tl.where(slot, (c0 + at)[:, None], best_i)
+                dist = tl.where(tile_cols[None, :] == at[:, None], float("inf"), dist)
+                low = tl.min(dist, 1)
+                worst = tl.max(best_d, 1)
+                pending = tl.sum((low < worst).to(tl.int32), 0)
+        out = rows[:, None] * KK + slots[None, :]
+        keep = row_ok[:, None] & (slots[None, :] < KK)
+        tl.store(out_d_ptr + out, tl.maximum(best_d + tl.sum(q * q, 1)[:, None], 0.0), mask=keep)
+        tl.store(out_i_ptr + out, best_i, mask=keep)
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@torch.no_grad()
+def knn_triton(queries: torch.Tensor, keys: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as `knn.knn_exact`: squared-L2 k nearest `keys` [C, d] of each query [N, d]
+    -> (dist [N, k], idx [N, k]), ascending, fp32 whatever the inputs' dtype."""
+    from esskit.knn import _check_k, knn_exact  # knn imports this module for its backend table
+
+    if is_fake(queries):
+        return knn_exact(queries, keys, k)
+    if triton is None:
+        raise ConfigError("method.knn = 'triton' needs Triton (it ships with torch's CUDA wheels); "
+                          "set method.knn = 'torch'")
+    if not (queries.is_cuda or _interpreted()):
+        raise ConfigError("method.knn = 'triton' runs on a CUDA GPU; set method.knn = 'torch' on the CPU")
+    _check_k(k, keys.shape[0])
+    q, key = queries.detach().float().contiguous(), keys.detach().float().contiguous()
+    n, d = q.shape
+    dist = torch.empty(n, k, dtype=torch.float32, device=q.device)
+    idx = torch.empty(n, k, dtype=torch.int32, device=q.device)
+    if n:
+        grid = (triton.cdiv(n, BLOCK_N),)
+        _knn_kernel[grid](q, key, dist, idx, n, key.shape[0], D=d, DP=max(16, triton.next_power_of_2(d)), KK=k,
+                          K_PAD=triton.next_power_of_2(k), BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C, num_warps=4)
+    dist, order = dist.sort(dim=1)  # the kernel keeps the k unordered
+    return dist, idx.long().gather(1, order)

@@ -1,0 +1,95 @@
+"""esskit.knn_triton, the fused kNN kernel: exact against brute force (Triton's interpreter runs it
+on this CPU, in a subprocess because TRITON_INTERPRET is read when the kernel is defined), the
+trainer end to end with method.knn = "triton", and the kernel compiling for Hopper (sm_90)."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from esskit.errors import ConfigError
+from esskit.knn import knn_backend
+
+triton = pytest.importorskip("triton")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _interpreted(code: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT / "tests") + os.pathsep + str(ROOT)}
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args], env=env, capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT)
+
+
+def test_fused_knn_is_exact_against_brute_force():
+    # Shapes off the 32 x 32 tiles (N, C not multiples of 32), k = 1 ... C (k = C: every key),
+    # d from 4 to 33 (padded to 16 / 64 for the dot), ties pushed apart by the reference's check.
+    result = _interpreted("""
+        import torch
+        from esskit.knn_triton import knn_triton
+        from test_knn import _assert_matches_reference
+        for n, c, d, k, seed in [(1, 3, 4, 1, 0), (33, 5, 7, 3, 1), (70, 130, 12, 9, 2), (100, 37, 33, 20, 3),
+                                 (65, 64, 12, 64, 4), (40, 1000, 8, 9, 5)]:
+            g = torch.Generator().manual_seed(seed)
+            q, key = torch.randn(n, d, generator=g), torch.randn(c, d, generator=g)
+            dist, idx = knn_triton(q, key, k)
+            assert dist.dtype == torch.float32 and (dist[:, 1:] >= dist[:, :-1]).all()
+            _assert_matches_reference(dist, idx, q.double(), key.double(), k)
+        print("ok")
+    """)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+
+
+def test_cli_trains_with_the_fused_knn(tmp_path):
+    recipe = ROOT / "recipes" / "synthetic.toml"
+    tiny = ["train.steps=2", "train.batch_size=2", "data.crop=[32,32]", "data.base_size=[32,32]",
+            "data.synthetic_image_size=32", "data.synthetic_train_size=4", "data.synthetic_val_size=2",
+            "train.log_every=1", "eval.batch_size=2", "method.knn=triton", "model.embed_dim=8"]
+    result = _interpreted("""
+        import sys
+        from esskit.cli import main
+        sys.argv = ["esskit", *sys.argv[1:]]
+        main()
+    """, "train", str(recipe), "--out", str(tmp_path / "run"), *[a for s in tiny for a in ("--set", s)], timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert (tmp_path / "run" / "eval.json").is_file()
+    assert 'knn = "triton"' in (tmp_path / "run" / "config.toml").read_text()
+
+
+def test_fused_knn_refuses_cpu_tensors_without_the_interpreter():
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("the interpreter runs CPU tensors")
+    with pytest.raises(ConfigError, match="method.knn = 'triton' runs on a CUDA GPU"):
+        knn_backend("triton")(torch.randn(4, 3), torch.randn(5, 3), 2)
+
+
+def test_fused_knn_compiles_for_hopper():
+    """Triton's own compiler and ptxas build the kernel for sm_90 here, without a GPU."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from esskit.knn_triton import BLOCK_C, BLOCK_N, _knn_kernel
+
+    signature = {"q_ptr": "*fp32", "k_ptr": "*fp32", "out_d_ptr": "*fp32", "out_i_ptr": "*i32", "n": "i32",
+                 "c": "i32", **dict.fromkeys(["D", "DP", "KK", "K_PAD", "BLOCK_N", "BLOCK_C"], "constexpr")}
+    constants = {"D": 12, "DP": 16, "KK": 9, "K_PAD": 16, "BLOCK_N": BLOCK_N, "BLOCK_C": BLOCK_C}
+    try:
+        kernel = triton.compile(ASTSource(fn=_knn_kernel, signature=signature, constexprs=constants),
+                                target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    except RuntimeError as error:  # a Triton build without the NVIDIA backend's tools
+        pytest.skip(f"no CUDA toolchain in this Triton: {error}")
+    assert kernel.asm["cubin"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the compiled kernel)")
+def test_compiled_fused_knn_matches_knn_exact_on_cuda():
+    from test_knn import _assert_matches_reference
+
+    for n, c, d, k in [(5000, 19, 12, 9), (3000, 1284, 12, 9), (500, 10_000, 32, 7)]:
+        g = torch.Generator().manual_seed(c)
+        q, key = torch.randn(n, d, generator=g), torch.randn(c, d, generator=g)
+        dist, idx = knn_backend("triton")(q.cuda(), key.cuda(), k)
+        _assert_matches_reference(dist.cpu(), idx.cpu(), q.double(), key.double(), k)
