@@ -49,6 +49,22 @@ def _weights(target: torch.Tensor, scale, dtype) -> torch.Tensor:
     return (target != IGNORE_INDEX).to(dtype) * scale
 
 
+def _save(ctx, *tensors, tau: float, normalize: bool, rows: int) -> None:
+    ctx.save_for_backward(*tensors)
+    ctx.tau, ctx.normalize, ctx.rows = tau, normalize, rows
+
+
+def _dense_backward(g, xc, xh, mu, tau: float, normalize: bool, gmu, gsq, need_gx: bool):
+    """Chain dL/dz of one [rows, C] logit block z = (2 xh.mu - |mu|^2)/tau: accumulates dL/dmu
+    (dot-product part) into `gmu` and dL/d|mu|^2 into `gsq`; returns dL/dx of the chunk (or None)."""
+    gmu.addmm_(g.T, xh, alpha=2 / tau)
+    gsq -= g.sum(0) / tau
+    if not need_gx:
+        return None
+    gxh = (g @ mu) * (2 / tau)
+    return unit_backward(xc, gxh) if normalize else gxh
+
+
 def _candidate_logits(xc, mu, sq, cc, tau: float, normalize: bool):
     """Eq. 6 logits of one chunk [n, k+1] (up to a per-pixel constant), with what backward reuses."""
     xh, c = unit(xc, normalize), cc.long()
@@ -60,19 +76,25 @@ def _candidate_logits(xc, mu, sq, cc, tau: float, normalize: bool):
 class CandidateCrossEntropy(torch.autograd.Function):
     """sum_i w_i (-log softmax_j z_ij at j = 0) over the candidates `cand` [N, k+1] (target first):
     Eq. 6 summed over pixels. Inputs: raw pixel embeddings x [N, d] (normalised per chunk when
-    `normalize`), class embeddings mu [C, d] (already normalised when `normalize`)."""
+    `normalize`), class embeddings mu [C, d] (already normalised when `normalize`).
+
+    `dense` computes each chunk's logits through its full [rows, C] block (one matmul, then the
+    candidates' columns) and backward through two matmuls on that block, instead of gathering
+    [rows, k+1, d] class embeddings, tiny batched matmuls and an index_add_ whose atomics collide
+    when many pixels share few classes: the GPU-friendly form for small C, same result."""
 
     @staticmethod
-    def forward(ctx, x, mu, cand, target, tau: float, normalize: bool, rows: int):
+    def forward(ctx, x, mu, cand, target, tau: float, normalize: bool, rows: int, dense: bool = False):
         with _fp32(x):
             sq = mu.pow(2).sum(1)
             total = x.new_zeros(())
             for start, stop in chunk_ranges(x.shape[0], rows, x):
-                z = _candidate_logits(x[start:stop], mu, sq, cand[start:stop], tau, normalize)[0]
-                w = _weights(target[start:stop], 1.0, z.dtype)
-                total += ((z.logsumexp(1) - z[:, 0]) * w).sum()
-        ctx.save_for_backward(x, mu, cand, target)
-        ctx.tau, ctx.normalize, ctx.rows = tau, normalize, rows
+                xc, cc = x[start:stop], cand[start:stop]
+                z = (_full_logits(xc, mu, sq, tau, normalize)[0].gather(1, cc.long()) if dense
+                     else _candidate_logits(xc, mu, sq, cc, tau, normalize)[0])
+                total += ((z.logsumexp(1) - z[:, 0]) * _weights(target[start:stop], 1.0, z.dtype)).sum()
+        _save(ctx, x, mu, cand, target, tau=tau, normalize=normalize, rows=rows)
+        ctx.dense = dense
         return total
 
     @staticmethod
@@ -81,67 +103,37 @@ class CandidateCrossEntropy(torch.autograd.Function):
         tau, normalize = ctx.tau, ctx.normalize
         gx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
         d = mu.shape[1]
-        # [C, d+1]: dL/dmu from the dot products, then dL/d|mu|^2 in the last column (one index_add_)
-        acc = mu.new_zeros(mu.shape[0], d + 1)
+        gmu, gsq = torch.zeros_like(mu), mu.new_zeros(mu.shape[0])  # dense form
+        # gathered form, [C, d+1]: dL/dmu from the dot products, then dL/d|mu|^2 (one index_add_)
+        acc = None if ctx.dense else mu.new_zeros(mu.shape[0], d + 1)
         with _fp32(x):
             sq = mu.pow(2).sum(1)
             for start, stop in chunk_ranges(x.shape[0], ctx.rows, x):
                 xc = x[start:stop]
-                z, xh, m, c = _candidate_logits(xc, mu, sq, cand[start:stop], tau, normalize)
+                if ctx.dense:
+                    c = cand[start:stop].long()
+                    full, xh = _full_logits(xc, mu, sq, tau, normalize)
+                    z = full.gather(1, c)
+                else:
+                    z, xh, m, c = _candidate_logits(xc, mu, sq, cand[start:stop], tau, normalize)
                 g = z.softmax(1)
                 g[:, 0] -= 1
                 g *= _weights(target[start:stop], grad, g.dtype)[:, None]  # dL/dz
-                if gx is not None:
+                if ctx.dense:
+                    full.zero_().scatter_add_(1, c, g)  # dL/d(full logits): random negatives may repeat
+                    gxc = _dense_backward(full, xc, xh, mu, tau, normalize, gmu, gsq, gx is not None)
+                else:
                     gxh = torch.bmm(g.unsqueeze(1), m).squeeze(1) * (2 / tau)
-                    gx[start:stop] = unit_backward(xc, gxh) if normalize else gxh
-                src = torch.cat([(2 / tau) * xh.unsqueeze(1).expand(-1, c.shape[1], -1), g.new_full(
-                    (*g.shape, 1), -1 / tau)], dim=2).mul_(g.unsqueeze(2))
-                acc.index_add_(0, c.reshape(-1), src.flatten(0, 1))
-            gmu = acc[:, :d] + 2 * acc[:, d:] * mu  # the -|mu|^2/tau term
-        return gx, gmu, None, None, None, None, None
-
-
-class DenseCandidateCrossEntropy(torch.autograd.Function):
-    """`CandidateCrossEntropy` computed through each chunk's full logits [rows, C]: one matmul,
-    then the k+1 candidates' columns (gather); backward scatters their gradients back into the
-    [rows, C] block and runs `FullCrossEntropy`'s two matmuls. No [rows, k+1, d] gathers, tiny
-    batched matmuls or index_add_ atomics (many pixels share few classes): for small C the
-    GPU-friendly form. Same inputs, same result."""
-
-    @staticmethod
-    def forward(ctx, x, mu, cand, target, tau: float, normalize: bool, rows: int):
-        with _fp32(x):
-            sq = mu.pow(2).sum(1)
-            total = x.new_zeros(())
-            for start, stop in chunk_ranges(x.shape[0], rows, x):
-                z = _full_logits(x[start:stop], mu, sq, tau, normalize)[0].gather(1, cand[start:stop].long())
-                total += ((z.logsumexp(1) - z[:, 0]) * _weights(target[start:stop], 1.0, z.dtype)).sum()
-        ctx.save_for_backward(x, mu, cand, target)
-        ctx.tau, ctx.normalize, ctx.rows = tau, normalize, rows
-        return total
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, mu, cand, target = ctx.saved_tensors
-        tau, normalize = ctx.tau, ctx.normalize
-        gx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
-        gmu, gsq = torch.zeros_like(mu), mu.new_zeros(mu.shape[0])
-        with _fp32(x):
-            sq = mu.pow(2).sum(1)
-            for start, stop in chunk_ranges(x.shape[0], ctx.rows, x):
-                xc, c = x[start:stop], cand[start:stop].long()
-                full, xh = _full_logits(xc, mu, sq, tau, normalize)
-                g = full.gather(1, c).softmax(1)
-                g[:, 0] -= 1
-                g *= _weights(target[start:stop], grad, g.dtype)[:, None]  # dL/dz
-                full.zero_().scatter_add_(1, c, g)  # dL/d(full logits): random negatives may repeat
+                    gxc = unit_backward(xc, gxh) if normalize else gxh
+                    src = torch.cat([(2 / tau) * xh.unsqueeze(1).expand(-1, c.shape[1], -1), g.new_full(
+                        (*g.shape, 1), -1 / tau)], dim=2).mul_(g.unsqueeze(2))
+                    acc.index_add_(0, c.reshape(-1), src.flatten(0, 1))
                 if gx is not None:
-                    gxh = (full @ mu) * (2 / tau)
-                    gx[start:stop] = unit_backward(xc, gxh) if normalize else gxh
-                gmu.addmm_(full.T, xh, alpha=2 / tau)
-                gsq -= full.sum(0) / tau
-            gmu += 2 * gsq[:, None] * mu  # the -|mu|^2/tau term
-        return gx, gmu, None, None, None, None, None
+                    gx[start:stop] = gxc
+            if acc is not None:
+                gmu, gsq = acc[:, :d], acc[:, d]
+            gmu = gmu + 2 * gsq[:, None] * mu  # the -|mu|^2/tau term
+        return gx, gmu, None, None, None, None, None, None
 
 
 def _full_logits(xc, mu, sq, tau: float, normalize: bool):
@@ -164,8 +156,7 @@ class FullCrossEntropy(torch.autograd.Function):
                 t = target[start:stop]
                 picked = z.gather(1, t.clamp_min(0)[:, None])[:, 0]
                 total += ((z.logsumexp(1) - picked) * _weights(t, 1.0, z.dtype)).sum()
-        ctx.save_for_backward(x, mu, target)
-        ctx.tau, ctx.normalize, ctx.rows = tau, normalize, rows
+        _save(ctx, x, mu, target, tau=tau, normalize=normalize, rows=rows)
         return total
 
     @staticmethod
@@ -182,11 +173,9 @@ class FullCrossEntropy(torch.autograd.Function):
                 g = z.softmax(1)
                 g.scatter_add_(1, t.clamp_min(0)[:, None], g.new_full((g.shape[0], 1), -1.0))
                 g *= _weights(t, grad, g.dtype)[:, None]  # dL/dz
+                gxc = _dense_backward(g, xc, xh, mu, tau, normalize, gmu, gsq, gx is not None)
                 if gx is not None:
-                    gxh = (g @ mu) * (2 / tau)
-                    gx[start:stop] = unit_backward(xc, gxh) if normalize else gxh
-                gmu.addmm_(g.T, xh, alpha=2 / tau)
-                gsq -= g.sum(0) / tau
+                    gx[start:stop] = gxc
             gmu += 2 * gsq[:, None] * mu  # the -|mu|^2/tau term
         return gx, gmu, None, None, None, None
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from esskit.lean_loss import CandidateCrossEntropy, DenseCandidateCrossEntropy, full_cross_entropy, unit
+from esskit.lean_loss import CandidateCrossEntropy, full_cross_entropy, unit
 from esskit.config import MethodConfig
 from esskit.data import IGNORE_INDEX
 from esskit.knn import (GridNeighbours, block_neighbours, chunk_ranges, feature_neighbours, knn_backend,
@@ -104,11 +104,9 @@ def ess_loss(pixel_emb: torch.Tensor, class_emb: torch.Tensor, target: torch.Ten
                           normalize=normalize, knn=knn, neighbours=neighbours)
     if dense is None:
         dense = mu.shape[0] <= DENSE_MAX_CLASSES
-    if dense:
-        total = DenseCandidateCrossEntropy.apply(x, mu, cand, target, tau, normalize,
-                                                 max(1, chunk_bytes // (4 * mu.shape[0])))
-    else:
-        total = CandidateCrossEntropy.apply(x, mu, cand, target, tau, normalize, rows)
+    if dense:  # chunks of [rows, C] logits instead of [rows, k+1, d] gathered embeddings
+        rows = max(1, chunk_bytes // (4 * mu.shape[0]))
+    total = CandidateCrossEntropy.apply(x, mu, cand, target, tau, normalize, rows, dense)
     return _kept_mean(total, target)
 
 
