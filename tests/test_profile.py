@@ -83,6 +83,32 @@ def test_search_finds_the_exact_boundary(boundary):
         assert tried == [1]  # out of memory at batch 1: stop there
 
 
+def test_max_batch_steps_down_when_the_timed_steps_run_out_of_memory():
+    # On the H200 the fp16 baseline fitted batch 30 for the search's two steps, then ran out of
+    # memory over the timed ones (fragmentation): the reported max batch must keep training.
+    from esskit.profile.search import profile_cell
+
+    class Backend:
+        device_name, source = "fake", "measured"
+
+        def try_batch(self, cfg, batch):
+            return Trial(batch, batch <= 6, batch * MIB, batch * MIB)
+
+        def extra(self, cfg, batch):
+            if batch >= 5:
+                return {"note": f"out of memory while timing at batch {batch}", "timing_failed": True}
+            return {"train_s_per_iter": 0.5}
+
+    spec = ProfileSpec(classes=[19], methods=["ess"], backbone="resnet18", crop=(32, 32), max_batch=8)
+    row = profile_cell(spec, Backend(), "ess", 19, lambda row: None)
+    assert row["max_batch"] == row["batch"] == 4 and row["peak_mib"] == 4.0 and row["train_s_per_iter"] == 0.5
+    assert row["note"] == "batch 5 ran out of memory over the timed steps; max batch lowered to 4"
+    assert [t["batch"] for t in row["trials"]][-2:] == [5, 4] and "timing_failed" not in row
+    fixed = profile_cell(ProfileSpec(classes=[19], methods=["ess"], backbone="resnet18", crop=(32, 32), batch=6),
+                         Backend(), "ess", 19, lambda row: None)
+    assert fixed["batch"] == 6 and fixed["note"] == "out of memory while timing at batch 6"  # --batch: no step-down
+
+
 def test_search_order_is_doubling_then_bisection():
     best, trials = max_batch_size(lambda b: Trial(b, b <= 13), limit=256)
     assert best == 13 and [t.batch for t in trials] == [1, 2, 4, 8, 16, 12, 14, 13]

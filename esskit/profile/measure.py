@@ -156,6 +156,7 @@ class CudaMeasurer:
                 raise
             # Fragmentation over more iterations can tip the max batch over the cap.
             row["note"] = f"{reason} while timing at batch {batch}"
+            row["timing_failed"] = True
         release_memory(self.device)
         return row
 

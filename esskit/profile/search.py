@@ -157,7 +157,20 @@ def profile_cell(spec: ProfileSpec, backend: Backend, method: str, num_classes: 
     row["note"] = _note(spec, best, trials)
     if best > 0:
         on_update({**row, "status": "timing"})
-    row.update(backend.extra(cfg, best))
+    extra = backend.extra(cfg, best)
+    # Two steps fitted but the timed run did not (fragmentation builds up over more steps): the max
+    # batch is one that keeps training, so step down while a smaller batch fits (not with --batch).
+    while extra.pop("timing_failed", False) and not spec.batch and best > 1:
+        trial = backend.try_batch(cfg, best - 1)
+        trials.append(trial)
+        show(trial)
+        if not trial.fits:
+            break
+        note = f"batch {best} ran out of memory over the timed steps; max batch lowered to {best - 1}"
+        best = row["max_batch"] = row["batch"] = best - 1
+        row.update(peak_mib=_mib(trial.peak_bytes), peak_allocated_mib=_mib(trial.peak_allocated_bytes), note=note)
+        extra = backend.extra(cfg, best)
+    row.update(extra)
     row["trials"] = [{"batch": t.batch, "fits": t.fits, "peak_mib": _mib(t.peak_bytes),
                       "peak_allocated_mib": _mib(t.peak_allocated_bytes)} for t in trials]
     on_update({**row, "status": "done"})
