@@ -113,7 +113,8 @@ def plot_figure1(rows: list[dict], settings: dict, path: Path) -> None:
     ax.set_ylabel("max batch size")
     ax.set_ylim(bottom=0)
     ax.grid(True, which="both", alpha=0.3)
-    ax.set_title(f"Max batch vs C ({_title(settings)})", fontsize=7)
+    title = _title(settings).replace(f", {settings['source']} on", f",\n{settings['source']} on")  # fits the width
+    ax.set_title(f"Max batch vs C ({title})", fontsize=7)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
