@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU measurement of profiling/README.md in one script (needs a CUDA GPU with >= 12 GiB).
-# Parts (all by default, in this order; pick with PARTS="fp32 b8"):
+# Parts (by default smoke knn fp32 b8 fp16 bench amp, in this order; pick with PARTS="fp32 b8"):
 #   fp32, fp16  max batch / peak / times at a 12 GiB cap (the paper's Titan): Figure 1, Tables 6-7;
 #   b8          equal batch 8 (R50 512^2), baseline / ESS / ess_full from C = 19 to 100,000: time per
 #               image ratios, kNN share of the step, peak memory (cap raised so the baseline fits where it can);
@@ -8,8 +8,8 @@
 #   amp         1-process `accelerate launch` training of the synthetic recipe in fp32, fp16 and bf16;
 #   d32         (not in the default list) ESS and ess_full at batch 8, C = 1284, d = 32: the time cost
 #               of the synthetic recipe's d against b8's d = 12.
-#   smoke       (not in the default list) one tiny cell: fails fast if the CUDA path is broken.
-#   knn         (not in the default list) the fused Triton kNN: its GPU tests, then chunked vs fused
+#   smoke       one tiny cell: fails fast if the CUDA path is broken.
+#   knn         the fused Triton kNN: its GPU tests, then chunked vs fused
 #               search times (step_breakdown.py) and ESS at batch 8 with method.knn = "triton".
 # Usage: [PARTS=...] [PART_TIMEOUT_S=240] [DEADLINE_S=...] profiling/run_cuda.sh [RESULTS_DIR]
 # (default profiling/results). Each part is time-boxed, and with DEADLINE_S no part runs past that
@@ -17,7 +17,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 results=${1:-profiling/results}
-parts=${PARTS:-fp32 fp16 b8 bench amp}
+parts=${PARTS:-smoke knn fp32 b8 fp16 bench amp}
 limit=${PART_TIMEOUT_S:-240}
 status=0
 # Every result file is rewritten after each finished cell and the log is kept, so a part cut
@@ -58,10 +58,12 @@ for part in $parts; do
     fp32) grid no ;;
     fp16) grid fp16 ;;
     b8) run esskit profile --device cuda --backbone resnet50 --crop 512 --budget-gib 70 --batch 8 \
-          --classes 19,150,1284,10000,100000 --methods baseline,ess,ess_full \
+          --classes 19,150,1284,10000,100000 --methods baseline,ess_full,ess \
           --out "$results/resnet50-512-fp32-b8-cuda" ;;
     bench) run python profiling/bench_loss.py --device cuda --batch 8 --size 512 --loss-chunk-mib 64 \
-             --knn-chunk-mib 64 --reps 5 --budget-s 20 --max-mib 60000 --out "$results/bench_loss-cuda" ;;
+             --knn-chunk-mib 64 --classes 19,150,1284,10000 --reps 5 --budget-s 5 --max-mib 60000 \
+             --variants baseline,ess,ess_dense,ess_triton,ess_feature,ess_block4,ess_full_esskit \
+             --out "$results/bench_loss-cuda" ;;
     amp) amp ;;
     d32) run esskit profile --device cuda --backbone resnet50 --crop 512 --budget-gib 70 --batch 8 \
            --classes 1284 --methods ess,ess_full --set model.embed_dim=32 \
