@@ -30,6 +30,7 @@ except ImportError:  # triton ships with torch's CUDA wheels on Linux, not every
 
 # 32 x 32 tiles, 4 warps: 76-128 registers and no spills for d = 7 ... 64 (ptxas -v, sm_90a).
 BLOCK_N, BLOCK_C = 32, 32
+LAUNCH_ELEMENTS = 2**31 - 1  # the kernel's offsets are int32: one launch covers fewer elements
 
 
 def triton_available() -> bool:
@@ -97,9 +98,12 @@ def knn_triton(queries: torch.Tensor, keys: torch.Tensor, k: int) -> tuple[torch
     n, d = q.shape
     dist = torch.empty(n, k, dtype=torch.float32, device=q.device)
     idx = torch.empty(n, k, dtype=torch.int32, device=q.device)
-    if n:
-        grid = (triton.cdiv(n, BLOCK_N),)
-        _knn_kernel[grid](q, key, dist, idx, n, C=key.shape[0], D=d, DP=max(16, triton.next_power_of_2(d)), KK=k,
-                          K_PAD=triton.next_power_of_2(k), BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C, num_warps=4)
+    rows = max(BLOCK_N, LAUNCH_ELEMENTS // max(d, k) // BLOCK_N * BLOCK_N)  # [rows, max(d, k)] per launch
+    for start in range(0, n, rows):
+        stop = min(start + rows, n)
+        _knn_kernel[(triton.cdiv(stop - start, BLOCK_N),)](
+            q[start:stop], key, dist[start:stop], idx[start:stop], stop - start, C=key.shape[0], D=d,
+            DP=max(16, triton.next_power_of_2(d)), KK=k, K_PAD=triton.next_power_of_2(k), BLOCK_N=BLOCK_N,
+            BLOCK_C=BLOCK_C, num_warps=4)
     dist, order = dist.sort(dim=1)  # the kernel keeps the k unordered
     return dist, idx.long().gather(1, order)

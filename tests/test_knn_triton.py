@@ -38,6 +38,9 @@ def test_fused_knn_is_exact_against_brute_force():
             dist, idx = knn_triton(q, key, k)
             assert dist.dtype == torch.float32 and (dist[:, 1:] >= dist[:, :-1]).all()
             _assert_matches_reference(dist, idx, q.double(), key.double(), k)
+        knn_triton.__globals__["LAUNCH_ELEMENTS"] = 32 * 12  # 32 rows per launch: 7 launches below
+        q, key = torch.randn(200, 12), torch.randn(50, 12)
+        _assert_matches_reference(*knn_triton(q, key, 5), q.double(), key.double(), 5)
         print("ok")
     """)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
