@@ -104,8 +104,9 @@ def ess_loss(pixel_emb: torch.Tensor, class_emb: torch.Tensor, target: torch.Ten
                           normalize=normalize, knn=knn, neighbours=neighbours)
     if dense is None:
         dense = mu.shape[0] <= DENSE_MAX_CLASSES
-    if dense:  # chunks of [rows, C] logits instead of [rows, k+1, d] gathered embeddings
-        rows = max(1, chunk_bytes // (4 * mu.shape[0]))
+    if dense:  # chunks of [rows, C] logits instead of [rows, k+1, d] gathered embeddings; not more
+        # rows than the gathered form (at C = 19 the chunk's [rows, d] temporaries would dominate)
+        rows = max(1, chunk_bytes // (4 * max(mu.shape[0], (k + 1) * x.shape[1])))
     total = CandidateCrossEntropy.apply(x, mu, cand, target, tau, normalize, rows, dense)
     return _kept_mean(total, target)
 

@@ -70,7 +70,7 @@ def _assert_same(ours, reference, rtol=1e-4, atol=1e-6):
 def test_ess_loss_chunks_equal_reference(rows, normalize, dense):
     x, mu, t = _inputs(seed=rows)
     k, tau = 4, 0.1 if normalize else 2.0
-    chunk = 4 * (mu.shape[0] if dense else (k + 1) * x.shape[1]) * rows
+    chunk = 4 * (max(mu.shape[0], (k + 1) * x.shape[1]) if dense else (k + 1) * x.shape[1]) * rows
     ours = _grads(lambda a, m: ess_loss(a, m, t, k, tau, normalize=normalize, chunk_bytes=chunk, dense=dense),
                   x, mu)
     reference = _grads(lambda a, m: _reference_ess(a, m, t, k, tau, normalize), x, mu)
