@@ -193,7 +193,9 @@ def test_cuda_measurer_control_flow_without_a_gpu(monkeypatch):
                         }.items():
         monkeypatch.setattr(torch.cuda, name, value)
     monkeypatch.setattr(measure, "gpu_name_and_memory", lambda device: ("Fake GPU", props.total_memory))
-    monkeypatch.setattr(measure, "build_training", lambda cfg, device: (torch.nn.Linear(1, 1), None))
+    builds = []
+    monkeypatch.setattr(measure, "build_training",
+                        lambda cfg, device: builds.append(cfg.method.name) or (torch.nn.Linear(1, 1), None))
     monkeypatch.setattr(measure, "synthetic_batch", lambda cfg, batch, device: (batch, None))
     monkeypatch.setattr(measure, "inference_step", lambda model, images, amp: None)
     monkeypatch.setattr(measure, "estimate_training_peak", lambda cfg, batch: MemoryEstimate(5 * MIB, 4 * MIB))
@@ -224,6 +226,7 @@ def test_cuda_measurer_control_flow_without_a_gpu(monkeypatch):
     baseline = cell_config(Config(), method="baseline", num_classes=19, backbone="resnet18", crop=(64, 64),
                            precision="no")
     assert "knn_share" not in measurer.extra(baseline, 6)  # no search in the baseline
+    assert builds == ["ess", "baseline"]  # one model per cell, reused by its trials and timings
     with pytest.raises(ValueError):  # anything but out-of-memory propagates
         monkeypatch.setattr(measure, "training_step", lambda *a: (_ for _ in ()).throw(ValueError("bug")))
         measurer.try_batch(cfg, 1)
