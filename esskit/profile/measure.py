@@ -100,8 +100,8 @@ class CudaMeasurer:
 
     def _training(self, cfg: Config):
         """The cell's model and optimizer, built once per cell: from a trial's second step on, a fresh
-        model holds what a reused one holds (weights, momentum), so peaks are the same, and a
-        ResNet50 build per trial cost a quarter of the H200 grid's time."""
+        model holds what a reused one holds (weights, momentum), so peaks are the same, and building
+        a ResNet50 for each of a cell's ~10 trials was overhead (~0.5 s each on a CPU)."""
         if self._built is None or self._built[0] != cfg:
             self._built = None
             release_memory(self.device)
