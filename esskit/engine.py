@@ -97,7 +97,8 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict | None:
             if cfg.optim.clip_grad_norm:
                 accelerator.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad_norm)
             optimizer.step()
-            scheduler.step()
+            if not accelerator.optimizer_step_was_skipped:  # fp16: GradScaler skips inf-gradient steps
+                scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             done = step + 1
             loss_value = float(accelerator.reduce(loss.detach(), "mean"))

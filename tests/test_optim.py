@@ -59,3 +59,27 @@ def test_poly_schedule_with_linear_warmup(warmup):
 def test_negative_warmup_is_rejected():
     with pytest.raises(ConfigError, match=r"optim.warmup_steps = -1 must be >= 0"):
         config(warmup_steps=-1)
+
+
+def test_schedule_does_not_advance_on_skipped_optimizer_steps(tmp_path, monkeypatch):
+    # fp16's GradScaler skips the steps whose gradients overflow (on a GPU, the first few): the
+    # schedule must follow the updates made, as in transformers' Trainer. Here every step is skipped.
+    import json
+    from pathlib import Path
+
+    from accelerate import Accelerator
+    from typer.testing import CliRunner
+
+    from esskit.cli import app
+
+    monkeypatch.setattr(Accelerator, "optimizer_step_was_skipped", property(lambda self: True))
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "synthetic.toml"
+    tiny = ["train.steps=3", "train.batch_size=2", "data.crop=[32,32]", "data.base_size=[32,32]",
+            "data.synthetic_image_size=32", "data.synthetic_train_size=4", "data.synthetic_val_size=2",
+            "train.log_every=1", "eval.batch_size=2", "optim.warmup_steps=3"]
+    result = CliRunner().invoke(app, ["train", str(recipe), "--out", str(tmp_path / "run"),
+                                      *[a for s in tiny for a in ("--set", s)]])
+    assert result.exit_code == 0, result.output
+    lrs = [json.loads(x)["lr"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+           if '"lr"' in x]
+    assert len(lrs) == 3 and lrs[0] == lrs[1] == lrs[2] == pytest.approx(0.002 / 3)  # warm-up's first value
