@@ -2,7 +2,8 @@
 
 The trainer's step (`step.training_step`) runs on fake tensors (`FakeTensorMode`: shapes, dtypes
 and storages, no data) under `MemoryTracker`, a dispatch mode that adds up the bytes of every live
-storage the way the CUDA caching allocator rounds them. Parameters, gradients, SGD momentum
+storage the way the CUDA caching allocator rounds them, and replays their allocations and frees
+through a model of that allocator (`allocator.py`) for its reserved memory, fragmentation included. Parameters, gradients, SGD momentum
 buffers, autograd's saved activations, AMP casts (and autocast's weight cache) are all storages
 created by aten ops, so all are counted; nothing in the library is patched.
 
@@ -35,13 +36,12 @@ from torch.utils._pytree import tree_leaves
 
 from esskit.config import Config
 from esskit.errors import EsskitError
+from esskit.profile.allocator import Block, CachingAllocatorModel, SimulatedOutOfMemory
 from esskit.profile.search import Trial
 from esskit.profile.step import MixedPrecision, build_training, synthetic_batch, training_step
 
 MIB = 2**20
 BLOCK = 512  # CUDA caching allocator: every block is a multiple of 512 bytes
-LARGE_ALLOC = 1 * MIB  # blocks from 1 MiB up come from the large pool...
-LARGE_GRANULE = 2 * MIB  # ...whose segments grow in 2 MiB steps
 
 aten = torch.ops.aten
 # Ops taking `indices: Tensor?[]` as their second argument, where a bool mask means nonzero().
@@ -58,28 +58,32 @@ def block_bytes(nbytes: int) -> int:
     return -(-nbytes // BLOCK) * BLOCK
 
 
-def reserved_bytes(nbytes: int) -> int:
-    """Bytes one allocation holds in reserved memory: 512-byte blocks in the small pool, 2 MiB
-    granules from 1 MiB up (an approximation of `max_memory_reserved`, the quantity the budget caps)."""
-    if nbytes < LARGE_ALLOC:
-        return block_bytes(nbytes)
-    return -(-nbytes // LARGE_GRANULE) * LARGE_GRANULE
-
-
 class MemoryTracker(TorchDispatchMode):
     """Live and peak bytes of every storage created by an aten op while the mode is active.
 
     Each storage is counted once, when it first appears in an op's output (views share it), and
     freed when it is garbage collected (a weakref finaliser: PyTorch keeps one Python object per
-    storage alive as long as the storage is). `peak` uses `reserved_bytes`, `peak_allocated` uses
-    `block_bytes`.
+    storage alive as long as the storage is). `live_allocated` / `peak_allocated` add up 512-byte
+    blocks (`max_memory_allocated`); `reserved` / `peak` are the segments of a replayed caching
+    allocator (`allocator.CachingAllocatorModel`: `max_memory_reserved`, fragmentation included),
+    which raises `SimulatedOutOfMemory` past `cap` bytes.
     """
 
-    def __init__(self, all_true_masks: bool = False):
+    def __init__(self, all_true_masks: bool = False, cap: int | None = None):
         super().__init__()
         self.all_true_masks = all_true_masks
-        self.live = self.peak = self.live_allocated = self.peak_allocated = 0
+        self.allocator = CachingAllocatorModel(cap)
+        self.live_allocated = self.peak_allocated = 0
         self._sizes: dict[int, int] = {}  # id(storage) -> nbytes
+        self._blocks: dict[int, Block] = {}  # id(storage) -> its block in the allocator model
+
+    @property
+    def reserved(self) -> int:
+        return self.allocator.reserved
+
+    @property
+    def peak(self) -> int:
+        return self.allocator.peak_reserved
 
     def track(self, tensor: torch.Tensor) -> None:
         storage = tensor.untyped_storage()
@@ -89,21 +93,21 @@ class MemoryTracker(TorchDispatchMode):
             return
         if old is None:
             weakref.finalize(storage, self._free, key)
-        else:  # resized in place (out= ops): account the difference
-            self._change(-reserved_bytes(old), -block_bytes(old))
+        else:  # resized in place (out= ops): a new block replaces the old one
+            self._free(key)
         self._sizes[key] = nbytes
-        self._change(reserved_bytes(nbytes), block_bytes(nbytes))
+        self.live_allocated += block_bytes(nbytes)
+        self.peak_allocated = max(self.peak_allocated, self.live_allocated)
+        if nbytes:  # empty storages take no block
+            self._blocks[key] = self.allocator.malloc(nbytes)
 
     def _free(self, key: int) -> None:
         nbytes = self._sizes.pop(key, None)
         if nbytes is not None:
-            self._change(-reserved_bytes(nbytes), -block_bytes(nbytes))
-
-    def _change(self, reserved: int, allocated: int) -> None:
-        self.live += reserved
-        self.live_allocated += allocated
-        self.peak = max(self.peak, self.live)
-        self.peak_allocated = max(self.peak_allocated, self.live_allocated)
+            self.live_allocated -= block_bytes(nbytes)
+        block = self._blocks.pop(key, None)
+        if block is not None:
+            self.allocator.free(block)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -138,8 +142,9 @@ class MemoryTracker(TorchDispatchMode):
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    peak_bytes: int  # reserved-memory estimate (2 MiB granules for large blocks)
+    peak_bytes: int  # reserved-memory estimate (the replayed caching allocator's segments)
     peak_allocated_bytes: int  # allocated-memory estimate (512-byte blocks)
+    fits: bool = True  # False: the allocator model ran out of memory under the cap
 
     @property
     def peak_mib(self) -> float:
@@ -150,14 +155,27 @@ class MemoryEstimate:
         return self.peak_allocated_bytes / MIB
 
 
-def estimate_training_peak(cfg: Config, batch: int, steps: int = 2) -> MemoryEstimate:
+def estimate_training_peak(cfg: Config, batch: int, steps: int = 2, cap_bytes: int | None = None) -> MemoryEstimate:
     """Peak memory of `steps` training steps at `batch` images of `cfg.data.crop`.
 
     Two steps by default: from the second one the SGD momentum buffers are alive during the
-    forward and backward, which is when the trainer peaks.
+    forward and backward, which is when the trainer peaks. With `cap_bytes` (the budget) the step
+    is replayed again when its uncapped peak exceeds the cap: the allocator then releases its
+    cached segments before giving up, as on a capped GPU. `peak_bytes` stays the uncapped need when
+    even that does not fit.
     """
+    estimate = _replay(cfg, batch, steps, None)
+    if cap_bytes is None or estimate.peak_bytes <= cap_bytes:
+        return estimate  # the cap was never reached: a capped replay is the same
     try:
-        with FakeTensorMode(), MemoryTracker() as tracker:
+        return _replay(cfg, batch, steps, cap_bytes)
+    except SimulatedOutOfMemory:
+        return MemoryEstimate(estimate.peak_bytes, estimate.peak_allocated_bytes, fits=False)
+
+
+def _replay(cfg: Config, batch: int, steps: int, cap_bytes: int | None) -> MemoryEstimate:
+    try:
+        with FakeTensorMode(), MemoryTracker(cap=cap_bytes) as tracker:
             model, optimizer = build_training(cfg, "cpu")
             for group in optimizer.param_groups:
                 group["foreach"] = True  # what SGD picks by itself for CUDA parameters
@@ -173,7 +191,7 @@ def estimate_training_peak(cfg: Config, batch: int, steps: int = 2) -> MemoryEst
 
 
 class Estimator:
-    """`esskit profile --device meta`: a batch fits when its estimated reserved peak is within budget."""
+    """`esskit profile --device meta`: a batch fits when the replayed allocator stays within budget."""
 
     source = "estimated"
     device_name = "meta"
@@ -182,9 +200,8 @@ class Estimator:
         self.budget_bytes = budget_bytes
 
     def try_batch(self, cfg: Config, batch: int) -> Trial:
-        estimate = estimate_training_peak(cfg, batch)
-        return Trial(batch, estimate.peak_bytes <= self.budget_bytes, estimate.peak_bytes,
-                     estimate.peak_allocated_bytes)
+        estimate = estimate_training_peak(cfg, batch, cap_bytes=self.budget_bytes)
+        return Trial(batch, estimate.fits, estimate.peak_bytes, estimate.peak_allocated_bytes)
 
     def extra(self, cfg: Config, batch: int) -> dict:
         return {}  # no times: fake tensors do no work

@@ -95,6 +95,7 @@ class CudaMeasurer:
             raise EsskitError(f"--budget-gib {budget_bytes / GIB:g} exceeds this GPU's memory "
                               f"({name}, {allocator_total / GIB:.1f} GiB)")
         torch.cuda.set_per_process_memory_fraction(budget_bytes / allocator_total, self.device)
+        self.budget_bytes = budget_bytes
         self.device_name = f"{name} ({total / GIB:.0f} GiB, capped at {budget_bytes / GIB:g} GiB)"
         self._built: tuple | None = None  # (cfg, model, optimizer) of the cell being measured
 
@@ -144,7 +145,7 @@ class CudaMeasurer:
 
     def extra(self, cfg: Config, batch: int) -> dict:
         """Times at the max batch, and the fake-tensor estimate at the same batch for comparison."""
-        estimate = estimate_training_peak(cfg, max(batch, 1))
+        estimate = estimate_training_peak(cfg, max(batch, 1), cap_bytes=self.budget_bytes)
         row = {"estimated_peak_mib": round(estimate.peak_bytes / MIB, 1)}
         if batch == 0:
             return row
