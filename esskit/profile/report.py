@@ -155,9 +155,9 @@ def table6(rows: list[dict], settings: dict) -> str:
         lines.append(line)
     text = "\n".join(lines) + "\n\n"
     if measured:
-        text += ("The estimate (`--device meta` at the same batch) models reserved memory as live tensors in the "
-                 "allocator's blocks, without the fragmentation a cap-pressed caching allocator adds; so it "
-                 "tracks allocated memory closely and reserved memory from below.\n\n")
+        text += ("The estimate is `--device meta` at the same batch and budget, as the estimator stood when the "
+                 "row was measured (how it models reserved memory: profiling/README.md); it cannot see cuDNN's "
+                 "workspaces, so it reads low.\n\n")
     return text + _footnote(rows)
 
 
