@@ -23,10 +23,10 @@ from esskit.knn import (GridNeighbours, block_neighbours, chunk_ranges, feature_
 ESSNET_SCALE = 20.0  # the official code's logits: -20 * |x - mu| (not squared)
 LOSS_CHUNK_BYTES = 64 * 2**20  # default of method.loss_chunk_mib
 # Eq. 6 through [rows, C] logit blocks (matmuls) up to this C, through gathered candidates above:
-# the dense form costs ~C, the gathered one a constant (profiling/README.md, "GPU: where the time
-# goes"). H200, 2M pixels: loss minus kNN 5.5 vs 62 ms at C = 19, 16 vs 46 ms at C = 150, and
-# ~2.3x slower than gathered at C = 1284 (break-even ~440). One threshold for every device, tuned
-# for GPUs (CPU, 2 cores: even at C ~ 150), so the profiler's CPU estimate follows the GPU's path.
+# the dense form costs ~C, the gathered one a constant (profiling/README.md, "Measured on a GPU").
+# H200, 2M pixels: loss minus kNN 5.5 vs 62 ms at C = 19, 16 vs 46 ms at C = 150, and ~2.3x slower
+# than gathered at C = 1284 (break-even ~440). One threshold for every device, tuned for GPUs
+# (CPU, 2 cores: even at C ~ 150), so the profiler's CPU estimate follows the GPU's path.
 DENSE_MAX_CLASSES = 384
 
 

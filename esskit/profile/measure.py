@@ -118,7 +118,10 @@ class CudaMeasurer:
             reason = failure_reason(error)
             if reason is None:
                 raise
-            # the frames holding the trial's tensors go with the exception
+            # The frames holding the trial's tensors go with the exception; gradients that the
+            # failed backward left on the reused model must go too, or they weigh on the next trial.
+            if self._built is not None:
+                self._built[1].zero_grad(set_to_none=True)
         fits = reason is None
         peak = torch.cuda.max_memory_reserved(self.device)
         peak_allocated = torch.cuda.max_memory_allocated(self.device)
