@@ -216,6 +216,7 @@ def test_cuda_measurer_control_flow_without_a_gpu(monkeypatch):
         if batch == 100:  # what torch raised for the baseline's 2^31+-element logits on an H200
             raise RuntimeError("CUDA error: invalid argument\nSearch for `cudaErrorInvalidValue'")
         if batch > 6:
+            model.weight.grad = torch.ones_like(model.weight)  # a backward that ran out half way
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         time.sleep(0.004)  # the step's own work
         if knn is not None:  # the loss's searches, timed between synchronisations
@@ -227,6 +228,7 @@ def test_cuda_measurer_control_flow_without_a_gpu(monkeypatch):
     cfg = cell_config(Config(), method="ess", num_classes=19, backbone="resnet18", crop=(64, 64), precision="no")
     assert measurer.try_batch(cfg, 6) == Trial(6, True, 3 * MIB, 2 * MIB)
     assert measurer.try_batch(cfg, 7) == Trial(7, False, None, None)
+    assert measurer._training(cfg)[0].weight.grad is None  # the failed trial's gradients are gone
     too_large = measurer.try_batch(cfg, 100)
     assert not too_large.fits and "invalid argument" in too_large.failure
     spec = ProfileSpec(classes=[19], batch=100)
