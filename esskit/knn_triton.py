@@ -3,10 +3,10 @@
 On an H200 the chunked search (`knn.knn_exact`) spends most of its time in `torch.topk`, 10-50x
 slower than the memory allows (profiling/README.md, "Measured on a GPU"). Here each program takes
 BLOCK_N queries and streams the keys in tiles of BLOCK_C. It computes each tile's squared distances
-as |q|^2 + |k|^2 - 2 q.k in fp32 (the FAISS IndexFlatL2 form, as `knn_exact`) and merges the tile
-into a running per-query top-k held in registers. A merge repeatedly moves the tile's smallest distance into the
-slot of the current worst of the k, and stops once no query's tile minimum beats its worst, so
-after the first tiles most tiles cost one min and one max. Nothing of size [N, C] is written.
+as |q|^2 + |k|^2 - 2 q.k in fp32 (the FAISS IndexFlatL2 form, as `knn_exact`) and merges the
+tile into a running per-query top-k held in registers: it moves the tile's smallest distance into
+the slot of the current worst of the k until no query's tile minimum beats its worst, so after
+the first tiles most tiles cost one min and one max. Nothing of size [N, C] is written.
 
 `method.knn = "triton"`: CUDA tensors (or any tensors under TRITON_INTERPRET=1, which the tests
 use on CPUs). Fake tensors (the profiler's estimate) take `knn_exact`, whose blocks bound this
@@ -31,10 +31,6 @@ except ImportError:  # triton ships with torch's CUDA wheels on Linux, not every
 # 32 x 32 tiles, 4 warps: 76-128 registers and no spills for d = 7 ... 64 (ptxas -v, sm_90a).
 BLOCK_N, BLOCK_C = 32, 32
 LAUNCH_ELEMENTS = 2**31 - 1  # the kernel's offsets are int32: one launch covers fewer elements
-
-
-def triton_available() -> bool:
-    return triton is not None
 
 
 if triton is not None:
