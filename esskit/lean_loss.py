@@ -103,9 +103,8 @@ class CandidateCrossEntropy(torch.autograd.Function):
         tau, normalize = ctx.tau, ctx.normalize
         gx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
         d = mu.shape[1]
-        gmu, gsq = torch.zeros_like(mu), mu.new_zeros(mu.shape[0])  # dense form
-        # gathered form, [C, d+1]: dL/dmu from the dot products, then dL/d|mu|^2 (one index_add_)
-        acc = None if ctx.dense else mu.new_zeros(mu.shape[0], d + 1)
+        # [C, d+1]: dL/dmu from the dot products, then dL/d|mu|^2 (the gathered form: one index_add_)
+        acc = mu.new_zeros(mu.shape[0], d + 1)
         with _fp32(x):
             sq = mu.pow(2).sum(1)
             for start, stop in chunk_ranges(x.shape[0], ctx.rows, x):
@@ -121,7 +120,8 @@ class CandidateCrossEntropy(torch.autograd.Function):
                 g *= _weights(target[start:stop], grad, g.dtype)[:, None]  # dL/dz
                 if ctx.dense:
                     full.zero_().scatter_add_(1, c, g)  # dL/d(full logits): random negatives may repeat
-                    gxc = _dense_backward(full, xc, xh, mu, tau, normalize, gmu, gsq, gx is not None)
+                    gxc = _dense_backward(full, xc, xh, mu, tau, normalize, acc[:, :d], acc[:, d],
+                                          gx is not None)
                 else:
                     gxh = torch.bmm(g.unsqueeze(1), m).squeeze(1) * (2 / tau)
                     gxc = unit_backward(xc, gxh) if normalize else gxh
@@ -130,9 +130,7 @@ class CandidateCrossEntropy(torch.autograd.Function):
                     acc.index_add_(0, c.reshape(-1), src.flatten(0, 1))
                 if gx is not None:
                     gx[start:stop] = gxc
-            if acc is not None:
-                gmu, gsq = acc[:, :d], acc[:, d]
-            gmu = gmu + 2 * gsq[:, None] * mu  # the -|mu|^2/tau term
+            gmu = acc[:, :d] + 2 * acc[:, d:] * mu  # the -|mu|^2/tau term
         return gx, gmu, None, None, None, None, None, None
 
 

@@ -25,8 +25,8 @@ from esskit.profile.search import max_batch_size
 from esskit.profile.step import cell_config
 
 
-def _error(estimate: float, measured: float | None) -> float | None:
-    return None if not measured else round(100 * (estimate - measured) / measured, 1)
+def _error(estimate: float | None, measured: float | None) -> float | None:
+    return None if not estimate or not measured else round(100 * (estimate - measured) / measured, 1)
 
 
 def check_row(row: dict, settings: dict) -> dict:
@@ -43,7 +43,7 @@ def check_row(row: dict, settings: dict) -> dict:
                error_vs_reserved=_error(estimate.peak_mib, row["peak_mib"]),
                error_vs_allocated=_error(estimate.peak_allocated_mib, row["peak_allocated_mib"]),
                stored_estimate_mib=row.get("estimated_peak_mib"),
-               stored_error_vs_reserved=_error(row.get("estimated_peak_mib") or 0, row["peak_mib"]))
+               stored_error_vs_reserved=_error(row.get("estimated_peak_mib"), row["peak_mib"]))
     if row["max_batch"] is not None:  # a max-batch run: the estimator's own search
         estimator = Estimator(budget)
         out["estimated_max_batch"] = max_batch_size(lambda b: estimator.try_batch(cfg, b),
@@ -58,7 +58,8 @@ def table(rows: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         run = f"{r['precision']}, {r['budget_gib']:g} GiB"
-        stored = "-" if r["stored_estimate_mib"] is None else f"{r['stored_estimate_mib']:.0f}, {r['stored_error_vs_reserved']:+.1f} %"
+        stored = ("-" if r["stored_estimate_mib"] is None
+                  else f"{r['stored_estimate_mib']:.0f}, {r['stored_error_vs_reserved']:+.1f} %")
         batches = f"{r['max_batch']} / {r['estimated_max_batch']}" if "estimated_max_batch" in r else "-"
         lines.append(f"| {run} | {r['method']} | {r['classes']} | {r['batch']} | {r['measured_reserved_mib']:.0f} / "
                      f"{r['measured_allocated_mib']:.0f} | {r['estimate_mib']:.0f} | {r['error_vs_reserved']:+.1f} % / "

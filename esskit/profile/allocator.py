@@ -25,7 +25,7 @@ from __future__ import annotations
 from bisect import bisect_left, insort
 from dataclasses import dataclass, field
 
-KB, MB = 1024, 1024**2
+MB = 1024**2
 MIN_BLOCK = 512
 SMALL_SIZE = 1 * MB  # largest request of the small pool
 SMALL_SEGMENT = 2 * MB
@@ -36,6 +36,12 @@ ROUND_LARGE = 2 * MB
 
 class SimulatedOutOfMemory(Exception):
     pass
+
+
+def block_bytes(nbytes: int) -> int:
+    """Bytes the allocator hands out for a request of `nbytes` (what `max_memory_allocated` counts
+    before splitting rules; empty storages take no block)."""
+    return max(MIN_BLOCK, -(-nbytes // MIN_BLOCK) * MIN_BLOCK) if nbytes else 0
 
 
 @dataclass(eq=False)
@@ -64,7 +70,7 @@ class CachingAllocatorModel:
         self._next_segment = 0
 
     def malloc(self, nbytes: int) -> Block:
-        size = max(MIN_BLOCK, -(-nbytes // MIN_BLOCK) * MIN_BLOCK)
+        size = block_bytes(nbytes)
         small = size <= SMALL_SIZE
         block = self._take_cached(size, small) or self._new_segment(size, small)
         remaining = block.size - size

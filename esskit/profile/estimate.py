@@ -3,9 +3,10 @@
 The trainer's step (`step.training_step`) runs on fake tensors (`FakeTensorMode`: shapes, dtypes
 and storages, no data) under `MemoryTracker`, a dispatch mode that adds up the bytes of every live
 storage the way the CUDA caching allocator rounds them, and replays their allocations and frees
-through a model of that allocator (`allocator.py`) for its reserved memory, fragmentation included. Parameters, gradients, SGD momentum
-buffers, autograd's saved activations, AMP casts (and autocast's weight cache) are all storages
-created by aten ops, so all are counted; nothing in the library is patched.
+through a model of that allocator (`allocator.py`) for its reserved memory, fragmentation
+included. Parameters, gradients, SGD momentum buffers, autograd's saved activations, AMP casts
+(and autocast's weight cache) are all storages created by aten ops, so all are counted; nothing
+in the library is patched.
 
 Two things differ from a real GPU and are handled here:
 - Fake tensors live on the CPU device: the autograd engine needs a real CUDA device to run backward
@@ -36,12 +37,11 @@ from torch.utils._pytree import tree_leaves
 
 from esskit.config import Config
 from esskit.errors import EsskitError
-from esskit.profile.allocator import Block, CachingAllocatorModel, SimulatedOutOfMemory
+from esskit.profile.allocator import Block, CachingAllocatorModel, SimulatedOutOfMemory, block_bytes
 from esskit.profile.search import Trial
 from esskit.profile.step import MixedPrecision, build_training, synthetic_batch, training_step
 
 MIB = 2**20
-BLOCK = 512  # CUDA caching allocator: every block is a multiple of 512 bytes
 
 aten = torch.ops.aten
 # Ops taking `indices: Tensor?[]` as their second argument, where a bool mask means nonzero().
@@ -51,11 +51,6 @@ MASK_INDEX_OPS = {aten.index.Tensor, aten.index_put.default, aten.index_put_.def
 
 class EstimateError(EsskitError):
     pass
-
-
-def block_bytes(nbytes: int) -> int:
-    """Bytes the caching allocator hands out for one allocation (what `max_memory_allocated` counts)."""
-    return -(-nbytes // BLOCK) * BLOCK
 
 
 class MemoryTracker(TorchDispatchMode):
