@@ -66,10 +66,15 @@ if triton is not None:
                 low = tl.min(dist, 1)
                 worst = tl.max(best_d, 1)
                 pending = tl.sum((low < worst).to(tl.int32), 0)
+        # Ascending order in registers: non-negative fp32 bits order like their values, so one int64 key
+        # (distance bits, index) per slot sorts both (slots past k: +inf, last).
+        dist = tl.where(slots[None, :] < KK, tl.maximum(best_d + tl.sum(q * q, 1)[:, None], 0.0), float("inf"))
+        key = (dist.to(tl.int32, bitcast=True).to(tl.int64) << 32) | best_i.to(tl.int64)
+        key = tl.sort(key, 1)
         out = rows[:, None] * KK + slots[None, :]
         keep = row_ok[:, None] & (slots[None, :] < KK)
-        tl.store(out_d_ptr + out, tl.maximum(best_d + tl.sum(q * q, 1)[:, None], 0.0), mask=keep)
-        tl.store(out_i_ptr + out, best_i, mask=keep)
+        tl.store(out_d_ptr + out, (key >> 32).to(tl.int32).to(tl.float32, bitcast=True), mask=keep)
+        tl.store(out_i_ptr + out, key & 0xFFFFFFFF, mask=keep)
 
 
 def _interpreted() -> bool:
@@ -77,9 +82,11 @@ def _interpreted() -> bool:
 
 
 @torch.no_grad()
-def knn_triton(queries: torch.Tensor, keys: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def knn_triton(queries: torch.Tensor, keys: torch.Tensor, k: int, block_n: int = BLOCK_N, block_c: int = BLOCK_C,
+               num_warps: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as `knn.knn_exact`: squared-L2 k nearest `keys` [C, d] of each query [N, d]
-    -> (dist [N, k], idx [N, k]), ascending, fp32 whatever the inputs' dtype."""
+    -> (dist [N, k], idx [N, k]), ascending, fp32 whatever the inputs' dtype. The tile shape and
+    warps are arguments for profiling/step_breakdown.py's sweep; the defaults are its choice."""
     from esskit.knn import _check_k, knn_exact  # knn imports this module for its backend table
 
     if is_fake(queries):
@@ -93,13 +100,12 @@ def knn_triton(queries: torch.Tensor, keys: torch.Tensor, k: int) -> tuple[torch
     q, key = queries.detach().float().contiguous(), keys.detach().float().contiguous()
     n, d = q.shape
     dist = torch.empty(n, k, dtype=torch.float32, device=q.device)
-    idx = torch.empty(n, k, dtype=torch.int32, device=q.device)
-    rows = max(BLOCK_N, LAUNCH_ELEMENTS // max(d, k) // BLOCK_N * BLOCK_N)  # [rows, max(d, k)] per launch
+    idx = torch.empty(n, k, dtype=torch.int64, device=q.device)
+    rows = max(block_n, LAUNCH_ELEMENTS // max(d, k) // block_n * block_n)  # [rows, max(d, k)] per launch
     for start in range(0, n, rows):
         stop = min(start + rows, n)
-        _knn_kernel[(triton.cdiv(stop - start, BLOCK_N),)](
+        _knn_kernel[(triton.cdiv(stop - start, block_n),)](
             q[start:stop], key, dist[start:stop], idx[start:stop], stop - start, C=key.shape[0], D=d,
-            DP=max(16, triton.next_power_of_2(d)), KK=k, K_PAD=triton.next_power_of_2(k), BLOCK_N=BLOCK_N,
-            BLOCK_C=BLOCK_C, num_warps=4)
-    dist, order = dist.sort(dim=1)  # the kernel keeps the k unordered
-    return dist, idx.long().gather(1, order)
+            DP=max(16, triton.next_power_of_2(d)), KK=k, K_PAD=triton.next_power_of_2(k), BLOCK_N=block_n,
+            BLOCK_C=block_c, num_warps=num_warps)
+    return dist, idx

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from esskit.lean_loss import CandidateCrossEntropy, full_cross_entropy, unit
+from esskit.loss_triton import fused_candidate_cross_entropy
 from esskit.config import MethodConfig
 from esskit.data import IGNORE_INDEX
 from esskit.knn import (GridNeighbours, block_neighbours, chunk_ranges, feature_neighbours, knn_backend,
@@ -33,10 +34,10 @@ DENSE_MAX_CLASSES = 384
 def drop_target(found: torch.Tensor, target: torch.Tensor, k: int) -> torch.Tensor:
     """k of the k+1 classes `found` per pixel, nearest first, without the pixel's target (or
     without the farthest when the target is not among them): negatives stay strict."""
-    is_target = found == target[:, None]
-    # Sort key pushes the target to the end; positions keep the kNN order otherwise.
-    key = torch.arange(k + 1, device=found.device).expand_as(found).masked_fill(is_target, k + 1)
-    return found.gather(1, key.argsort(dim=1)[:, :k])
+    is_target = found == target[:, None]  # at most one per row: the kNN returns distinct classes
+    at = torch.where(is_target.any(1), is_target.int().argmax(1), k)  # the target's position, or k
+    slots = torch.arange(k, device=found.device)
+    return found.gather(1, slots + (slots >= at[:, None]))  # skip the target's slot
 
 
 def nearest_negatives(x: torch.Tensor, mu: torch.Tensor, target: torch.Tensor, k: int,
@@ -88,13 +89,14 @@ def _kept_mean(total: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def ess_loss(pixel_emb: torch.Tensor, class_emb: torch.Tensor, target: torch.Tensor, k: int,
              tau: float = 0.05, *, negatives: str = "nearest", normalize: bool = True, knn=knn_exact,
              neighbours: GridNeighbours | None = None, chunk_bytes: int = LOSS_CHUNK_BYTES,
-             dense: bool | None = None) -> torch.Tensor:
+             dense: bool | None = None, kernel: str = "torch") -> torch.Tensor:
     """Eq. 6: softmax over the target and its k nearest negative classes, logits -|x - mu|^2 / tau.
 
     pixel_emb [N, d], class_emb [C, d], target [N] (IGNORE_INDEX pixels weigh 0). With k = C - 1
     this is exactly the full softmax cross-entropy of Eq. 5. Memory: the int32 candidates
     [N, k+1] plus chunks of `chunk_bytes`; pixel embeddings are normalised chunk by chunk.
-    `dense` computes it through [rows, C] logit blocks (None: when C <= DENSE_MAX_CLASSES).
+    `dense` computes it through [rows, C] logit blocks (None: when C <= DENSE_MAX_CLASSES);
+    `kernel = "triton"` in two fused kernels instead (`esskit.loss_triton`; CUDA).
     """
     x, mu = pixel_emb.float(), class_emb.float()
     if normalize:
@@ -102,6 +104,8 @@ def ess_loss(pixel_emb: torch.Tensor, class_emb: torch.Tensor, target: torch.Ten
     rows = max(1, chunk_bytes // (4 * (k + 1) * x.shape[1]))
     cand = ess_candidates(x.detach(), mu.detach(), target, k, rows=rows, negatives=negatives,
                           normalize=normalize, knn=knn, neighbours=neighbours)
+    if kernel == "triton":
+        return _kept_mean(fused_candidate_cross_entropy(x, mu, cand, target, tau, normalize, rows), target)
     if dense is None:
         dense = mu.shape[0] <= DENSE_MAX_CLASSES
     if dense:  # chunks of [rows, C] logits instead of [rows, k+1, d] gathered embeddings; not more
@@ -199,7 +203,7 @@ def ess_paper_loss(emb: torch.Tensor, class_emb: torch.Tensor, target: torch.Ten
                                        knn=knn, normalize=cfg.normalize)
     return ess_loss(pixels_last(up), class_emb, target.reshape(-1), cfg.k, cfg.tau, negatives=cfg.negatives,
                     normalize=cfg.normalize, knn=knn, neighbours=neighbours,
-                    chunk_bytes=cfg.loss_chunk_mib * 2**20, dense=dense)
+                    chunk_bytes=cfg.loss_chunk_mib * 2**20, dense=dense, kernel=cfg.loss_kernel)
 
 
 def segmentation_loss(output: dict, target: torch.Tensor, cfg: MethodConfig, knn=None) -> tuple[torch.Tensor, dict]:

@@ -9,8 +9,13 @@
 #   d32         (not in the default list) ESS and ess_full at batch 8, C = 1284, d = 32: the time cost
 #               of the synthetic recipe's d against b8's d = 12.
 #   smoke       one tiny cell: fails fast if the CUDA path is broken.
-#   knn         the fused Triton kNN: its GPU tests, then chunked vs fused
-#               search times (step_breakdown.py) and ESS at batch 8 with method.knn = "triton".
+#   knn         the fused Triton kNN: its GPU tests, chunked vs fused search times on 2M queries
+#               (step_breakdown.py), and ESS (method.knn = "triton") and ess_full at batch 8 to C = 100,000.
+#   b4          (not in the default list) batch 4, C = 150 and 1284: the largest equal batch at which
+#               the baseline runs at C = 1284; baseline / ESS / ess_full, then ESS with the fused kNN.
+#   fused       (not in the default list) ESS with both fused kernels (method.knn and method.loss_kernel
+#               = "triton") at batch 8 and 4 beside the baseline, after the kernels' GPU tests.
+#   steps       (not in the default list) profiler tables of ESS with the fused kNN and the baseline.
 # Usage: [PARTS=...] [PART_TIMEOUT_S=240] [DEADLINE_S=...] profiling/run_cuda.sh [RESULTS_DIR]
 # (default profiling/results). Each part is time-boxed, and with DEADLINE_S no part runs past that
 # many seconds from the start, so a short GPU lease still brings back the parts that finished.
@@ -58,7 +63,7 @@ for part in $parts; do
     fp32) grid no ;;
     fp16) grid fp16 ;;
     b8) run esskit profile --device cuda --backbone resnet50 --crop 512 --budget-gib 70 --batch 8 \
-          --classes 19,150,1284,10000,100000 --methods baseline,ess_full,ess \
+          --classes 19,150,1284,10000 --methods baseline,ess_full,ess \
           --out "$results/resnet50-512-fp32-b8-cuda" ;;
     bench) run python profiling/bench_loss.py --device cuda --batch 8 --size 512 --loss-chunk-mib 64 \
              --knn-chunk-mib 64 --classes 19,150,1284,10000 --reps 5 --budget-s 5 --max-mib 60000 \
@@ -69,12 +74,29 @@ for part in $parts; do
            --classes 1284 --methods ess,ess_full --set model.embed_dim=32 \
            --out "$results/resnet50-512-fp32-b8-d32-cuda" ;;
     knn) run python -m pytest -q tests/test_knn_triton.py -k "cuda or hopper"  # the compiled kernel only
-         run python profiling/step_breakdown.py --cells ess:1284:triton --selection-classes "" \
-           --out "$results/step_breakdown-triton-cuda"
+         run python profiling/step_breakdown.py --cells "" --selection-classes "" \
+           --knn-classes 19,150,1284,10000,100000 --out "$results/knn_compare-cuda"
          run esskit profile --device cuda --backbone resnet50 --crop 512 --budget-gib 70 --batch 8 \
-           --classes 150,1284,10000,100000 --methods ess --set method.knn=triton \
+           --classes 19,150,1284,10000,100000 --methods ess,ess_full --set method.knn=triton \
            --out "$results/resnet50-512-fp32-b8-triton-cuda" ;;
-    *) echo "unknown part $part (smoke fp32 fp16 b8 bench amp d32 knn)"; status=1 ;;
+    b4) for knn in torch triton; do  # the baseline's [B, C, H, W] logits stay under 2^31 elements at B = 4
+          run esskit profile --device cuda --backbone resnet50 --crop 512 --budget-gib 70 --batch 4 \
+            --classes 150,1284 --methods "$([ $knn = torch ] && echo baseline,ess,ess_full || echo ess)" \
+            --set method.knn=$knn --out "$results/resnet50-512-fp32-b4-$knn-cuda"
+        done ;;
+    fused) fused="--set method.knn=triton --set method.loss_kernel=triton"
+           run python -m pytest -q tests/test_knn_triton.py tests/test_loss_triton.py -k cuda
+           run python profiling/step_breakdown.py --cells "" --selection-classes "" --knn-classes 150,1284 \
+             --out "$results/knn_compare-sorted-cuda"
+           run esskit profile --device cuda --backbone resnet50 --crop 512 --budget-gib 70 --batch 8 \
+             --classes 19,150 --methods baseline --out "$results/resnet50-512-fp32-b8-fused-baseline-cuda"
+           run esskit profile --device cuda --backbone resnet50 --crop 512 --budget-gib 70 --batch 8 \
+             --classes 19,150,1284,10000 --methods ess $fused --out "$results/resnet50-512-fp32-b8-fused-cuda"
+           run esskit profile --device cuda --backbone resnet50 --crop 512 --budget-gib 70 --batch 4 \
+             --classes 1284 --methods baseline,ess $fused --out "$results/resnet50-512-fp32-b4-fused-cuda" ;;
+    steps) run python profiling/step_breakdown.py --cells ess:150:triton,baseline:150,ess:1284:triton \
+             --selection-classes "" --knn-classes "" --out "$results/step_breakdown-triton-cuda" ;;
+    *) echo "unknown part $part (smoke fp32 fp16 b8 b4 bench amp d32 knn fused steps)"; status=1 ;;
   esac
 done
 exit $status

@@ -104,7 +104,7 @@ def knn_rows(classes: list[int], k: int, n: int = 8 * 512 * 512, d: int = 12) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cells", default="ess:19,ess:1284,ess_full:1284,baseline:19",
-                        help="method:C[:knn backend] cells to profile")
+                        help="method:C[:knn backend] cells to profile ('' skips them)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--crop", type=int, default=512)
     parser.add_argument("--selection-classes", default="19,150,1284,10000,100000")
@@ -120,7 +120,7 @@ def main() -> None:
     (args.out / "selection.json").write_text(json.dumps({"device": torch.cuda.get_device_name(),
                                                          "rows": selection, "knn": knn}, indent=1))
     tables = []
-    for cell in args.cells.split(","):
+    for cell in filter(None, args.cells.split(",")):  # '' skips the step tables
         method, classes, *knn = cell.split(":")
         table = step_table(method, int(classes), args.batch, args.crop, knn=knn[0] if knn else "torch")
         torch.cuda.empty_cache()

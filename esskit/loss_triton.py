@@ -1,0 +1,158 @@
+"""Eq. 6 as two fused Triton kernels (`method.loss_kernel = "triton"`): the loss over each pixel's k+1
+candidates without any [rows, k+1, d] or [rows, C] tensor in memory.
+
+`lean_loss.CandidateCrossEntropy` gathers [rows, k+1, d] candidate embeddings, multiplies them in
+batched matmuls and scatters gradients from a [rows, k+1, d+1] tensor: on an H100 at C = 1284 that
+gather alone took as long as the fused kNN (profiling/README.md, "Measured on a GPU"). Here a
+program takes BLOCK_N pixels, reads each candidate's class embedding straight from the [C, d]
+table (it stays in cache), and keeps logits and gradients in registers:
+    forward   z_ij = (2 xh_i.mu_c(ij) - |mu_c(ij)|^2)/tau, an online logsumexp, loss_i = w_i (lse_i - z_i0)
+    backward  g_ij = G w_i (exp(z_ij - lse_i) - [j = 0]); dL/dxh_i = (2/tau) sum_j g_ij mu_c(ij),
+              chained through the normalisation; dL/dmu_c and dL/d|mu_c|^2 by atomic adds into [C, d+1]
+(the same algebra as `lean_loss`; the kNN's exclusion of the target and the candidate order are the
+caller's). Fake tensors (the profiler's estimate) take `CandidateCrossEntropy`'s gathered form.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch._subclasses.fake_tensor import is_fake
+
+from esskit.data import IGNORE_INDEX
+from esskit.errors import ConfigError
+from esskit.knn_triton import LAUNCH_ELEMENTS, _interpreted, triton
+from esskit.lean_loss import NORMALIZE_EPS, CandidateCrossEntropy
+
+BLOCK_N = 64  # pixels per program
+
+if triton is not None:
+    import triton.language as tl
+
+    @triton.jit
+    def _unit_rows(x_ptr, rows, row_ok, dims, dim_ok, D: tl.constexpr, NORMALIZE: tl.constexpr, EPS: tl.constexpr):
+        x = tl.load(x_ptr + rows[:, None] * D + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :],
+                    other=0.0).to(tl.float32)
+        norm = tl.sqrt(tl.sum(x * x, 1))
+        if NORMALIZE:
+            xh = x / tl.maximum(norm, EPS)[:, None]
+        else:
+            xh = x
+        return x, xh, norm
+
+    @triton.jit
+    def _candidate_logit(xh, mu_ptr, cand_ptr, rows, row_ok, dims, dim_ok, inv_tau, j: tl.constexpr,
+                         D: tl.constexpr, K1: tl.constexpr):
+        c = tl.load(cand_ptr + rows * K1 + j, mask=row_ok, other=0)
+        mu = tl.load(mu_ptr + c[:, None] * D + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+        return (2 * tl.sum(xh * mu, 1) - tl.sum(mu * mu, 1)) * inv_tau, c, mu
+
+    @triton.jit
+    def _eq6_forward(x_ptr, mu_ptr, cand_ptr, t_ptr, loss_ptr, lse_ptr, n, inv_tau, D: tl.constexpr,
+                     DP: tl.constexpr, K1: tl.constexpr, NORMALIZE: tl.constexpr, IGNORE: tl.constexpr,
+                     EPS: tl.constexpr, BLOCK_N: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok, dims = rows < n, tl.arange(0, DP)
+        dim_ok = dims < D
+        _, xh, _ = _unit_rows(x_ptr, rows, row_ok, dims, dim_ok, D, NORMALIZE, EPS)
+        z0, _, _ = _candidate_logit(xh, mu_ptr, cand_ptr, rows, row_ok, dims, dim_ok, inv_tau, 0, D, K1)
+        top, total = z0, tl.full([BLOCK_N], 1.0, tl.float32)
+        for j in tl.static_range(1, K1):  # online logsumexp over the candidates
+            z, _, _ = _candidate_logit(xh, mu_ptr, cand_ptr, rows, row_ok, dims, dim_ok, inv_tau, j, D, K1)
+            new = tl.maximum(top, z)
+            total = total * tl.exp(top - new) + tl.exp(z - new)
+            top = new
+        lse = top + tl.log(total)
+        w = (tl.load(t_ptr + rows, mask=row_ok, other=IGNORE) != IGNORE).to(tl.float32)
+        tl.store(loss_ptr + rows, (lse - z0) * w, mask=row_ok)
+        tl.store(lse_ptr + rows, lse, mask=row_ok)
+
+    @triton.jit
+    def _eq6_backward(x_ptr, mu_ptr, cand_ptr, t_ptr, lse_ptr, grad_ptr, gx_ptr, acc_ptr, n, inv_tau,
+                      D: tl.constexpr, DP: tl.constexpr, K1: tl.constexpr, NORMALIZE: tl.constexpr,
+                      IGNORE: tl.constexpr, EPS: tl.constexpr, NEED_GX: tl.constexpr, BLOCK_N: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok, dims = rows < n, tl.arange(0, DP)
+        dim_ok = dims < D
+        x, xh, norm = _unit_rows(x_ptr, rows, row_ok, dims, dim_ok, D, NORMALIZE, EPS)
+        lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+        w = (tl.load(t_ptr + rows, mask=row_ok, other=IGNORE) != IGNORE).to(tl.float32) * tl.load(grad_ptr)
+        live = row_ok & (w != 0)  # ignore pixels add nothing: no atomics for them
+        gxh = tl.zeros([BLOCK_N, DP], tl.float32)
+        for j in tl.static_range(K1):
+            z, c, mu = _candidate_logit(xh, mu_ptr, cand_ptr, rows, row_ok, dims, dim_ok, inv_tau, j, D, K1)
+            g = tl.exp(z - lse) * w
+            if j == 0:
+                g -= w
+            gxh += g[:, None] * mu
+            # dL/dmu_c = (2/tau) g xh (dot products) and dL/d|mu_c|^2 = -g/tau, per (pixel, candidate)
+            tl.atomic_add(acc_ptr + c[:, None] * (D + 1) + dims[None, :], g[:, None] * xh * (2 * inv_tau),
+                          mask=live[:, None] & dim_ok[None, :], sem="relaxed")
+            tl.atomic_add(acc_ptr + c * (D + 1) + D, -g * inv_tau, mask=live, sem="relaxed")
+        if NEED_GX:
+            gxh *= 2 * inv_tau
+            if NORMALIZE:  # through x / max(|x|, eps), as lean_loss.unit_backward
+                radial = tl.sum(xh * gxh, 1) * (norm > EPS).to(tl.float32)
+                gx = (gxh - xh * radial[:, None]) / tl.maximum(norm, EPS)[:, None]
+            else:
+                gx = gxh
+            tl.store(gx_ptr + rows[:, None] * D + dims[None, :], gx, mask=row_ok[:, None] & dim_ok[None, :])
+
+
+def _launches(n: int, per_row: int):
+    """Row ranges whose int32 offsets (up to `per_row` elements a row) stay in range."""
+    rows = max(BLOCK_N, LAUNCH_ELEMENTS // per_row // BLOCK_N * BLOCK_N)
+    return [(start, min(start + rows, n)) for start in range(0, n, rows)]
+
+
+def _constants(x: torch.Tensor, cand: torch.Tensor, normalize: bool) -> dict:
+    d = x.shape[1]
+    return dict(D=d, DP=triton.next_power_of_2(d), K1=cand.shape[1], NORMALIZE=normalize,
+                IGNORE=IGNORE_INDEX, EPS=NORMALIZE_EPS, BLOCK_N=BLOCK_N)
+
+
+class FusedCandidateCrossEntropy(torch.autograd.Function):
+    """`lean_loss.CandidateCrossEntropy` (its sum of Eq. 6 over pixels, same inputs) in two kernels."""
+
+    @staticmethod
+    def forward(ctx, x, mu, cand, target, tau: float, normalize: bool):
+        x, mu, cand, target = x.contiguous(), mu.detach().float().contiguous(), cand.contiguous(), target.contiguous()
+        n = x.shape[0]
+        loss = torch.empty(n, dtype=torch.float32, device=x.device)
+        lse = torch.empty_like(loss)
+        consts = _constants(x, cand, normalize)
+        for start, stop in _launches(n, max(x.shape[1], cand.shape[1])):
+            _eq6_forward[(triton.cdiv(stop - start, BLOCK_N),)](
+                x[start:stop], mu, cand[start:stop], target[start:stop], loss[start:stop], lse[start:stop],
+                stop - start, 1 / tau, **consts)
+        ctx.save_for_backward(x, mu, cand, target, lse)
+        ctx.tau, ctx.normalize = tau, normalize
+        return loss.sum()
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, mu, cand, target, lse = ctx.saved_tensors
+        d, need_gx = mu.shape[1], ctx.needs_input_grad[0]
+        gx = torch.empty_like(x) if need_gx else x  # (not written without NEED_GX)
+        acc = mu.new_zeros(mu.shape[0], d + 1)
+        grad = grad.detach().float().reshape(1).contiguous()
+        consts = _constants(x, cand, ctx.normalize)
+        for start, stop in _launches(x.shape[0], max(d, cand.shape[1])):
+            _eq6_backward[(triton.cdiv(stop - start, BLOCK_N),)](
+                x[start:stop], mu, cand[start:stop], target[start:stop], lse[start:stop], grad, gx[start:stop],
+                acc, stop - start, 1 / ctx.tau, NEED_GX=need_gx, **consts)
+        gmu = acc[:, :d] + 2 * acc[:, d:] * mu  # the -|mu|^2/tau term
+        return (gx if need_gx else None), gmu, None, None, None, None
+
+
+def fused_candidate_cross_entropy(x, mu, cand, target, tau: float, normalize: bool, rows: int) -> torch.Tensor:
+    """Sum over pixels of Eq. 6 (see `lean_loss.CandidateCrossEntropy`, whose gathered form in
+    `rows`-pixel chunks stands in on fake tensors)."""
+    if is_fake(x):
+        return CandidateCrossEntropy.apply(x, mu, cand, target, tau, normalize, rows, False)
+    if triton is None:
+        raise ConfigError("method.loss_kernel = 'triton' needs Triton (it ships with torch's CUDA wheels); "
+                          "set method.loss_kernel = 'torch'")
+    if not (x.is_cuda or _interpreted()):
+        raise ConfigError("method.loss_kernel = 'triton' runs on a CUDA GPU; set method.loss_kernel = 'torch' "
+                          "on the CPU")
+    return FusedCandidateCrossEntropy.apply(x, mu, cand, target, tau, normalize)

@@ -1,0 +1,106 @@
+"""esskit.loss_triton, Eq. 6 in two fused Triton kernels: values and gradients against the
+brute-force Eq. 6 of test_lean_loss and against the chunked torch forms (Triton's interpreter runs
+the kernels on this CPU, in a subprocess: TRITON_INTERPRET is read when a kernel is defined), the
+CPU refusal, the trainer end to end, and the kernels compiling for Hopper (sm_90)."""
+
+import pytest
+import torch
+
+from esskit.errors import ConfigError
+from esskit.loss_triton import fused_candidate_cross_entropy
+from test_knn_triton import ROOT, _interpreted
+
+triton = pytest.importorskip("triton")
+
+
+def test_fused_eq6_equals_reference_and_torch_forms():
+    result = _interpreted("""
+        import torch
+        from esskit.data import IGNORE_INDEX
+        from esskit.losses import ess_loss
+        from test_lean_loss import _assert_same, _grads, _inputs, _reference_ess
+        # n not a multiple of the 64-pixel block; d = 6 (padded to 8), 12 (to 16); ignore pixels.
+        for n, c, d, k, normalize, seed in [(150, 12, 6, 4, True, 0), (70, 40, 12, 8, False, 1), (2, 3, 5, 2, True, 2)]:
+            x, mu, t = _inputs(n=n, c=c, d=d, seed=seed)
+            tau = 0.1 if normalize else 2.0
+            fused = _grads(lambda a, m: ess_loss(a, m, t, k, tau, normalize=normalize, kernel="triton"), x, mu)
+            _assert_same(fused, _grads(lambda a, m: _reference_ess(a, m, t, k, tau, normalize), x, mu))
+            for dense in (False, True):
+                torch_form = _grads(lambda a, m: ess_loss(a, m, t, k, tau, normalize=normalize, dense=dense), x, mu)
+                _assert_same(fused, torch_form)
+        # repeated random negatives: both gradients add up (atomics), as in the chunked forms
+        x, mu, t = _inputs(n=300, c=5, d=4, seed=7)
+        runs = [_grads(lambda a, m: ess_loss(a, m, t, 6, 0.1, negatives="random", kernel=kernel), x, mu)
+                for kernel in ("torch", "triton") for _ in [torch.manual_seed(0)]]
+        _assert_same(runs[1], runs[0])
+        # every pixel ignored: loss 0 and zero gradients; fp16 embeddings (autocast) keep their dtype
+        none = torch.full_like(t, IGNORE_INDEX)
+        loss, gx, gmu = _grads(lambda a, m: ess_loss(a, m, none, 3, kernel="triton"), x, mu)
+        assert loss.item() == 0.0 and torch.all(gx == 0) and torch.all(gmu == 0)
+        half = x.half().requires_grad_(True)
+        ess_loss(half, mu, t, 3, kernel="triton").backward()
+        assert half.grad.dtype == torch.float16 and torch.isfinite(half.grad).all()
+        print("ok")
+    """)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+
+
+def test_fused_eq6_refuses_cpu_tensors_without_the_interpreter():
+    import os
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("the interpreter runs CPU tensors")
+    x, mu = torch.randn(4, 3), torch.randn(5, 3)
+    cand, target = torch.zeros(4, 2, dtype=torch.int32), torch.zeros(4, dtype=torch.long)
+    with pytest.raises(ConfigError, match="method.loss_kernel = 'triton' runs on a CUDA GPU"):
+        fused_candidate_cross_entropy(x, mu, cand, target, 0.05, True, rows=4)
+
+
+def test_cli_trains_with_the_fused_kernels(tmp_path):
+    tiny = ["train.steps=2", "train.batch_size=2", "data.crop=[32,32]", "data.base_size=[32,32]",
+            "data.synthetic_image_size=32", "data.synthetic_train_size=4", "data.synthetic_val_size=2",
+            "train.log_every=1", "eval.batch_size=2", "method.knn=triton", "method.loss_kernel=triton",
+            "model.embed_dim=8"]
+    result = _interpreted("""
+        import sys
+        from esskit.cli import main
+        sys.argv = ["esskit", *sys.argv[1:]]
+        main()
+    """, "train", str(ROOT / "recipes" / "synthetic.toml"), "--out", str(tmp_path / "run"),
+        *[a for s in tiny for a in ("--set", s)], timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert 'loss_kernel = "triton"' in (tmp_path / "run" / "config.toml").read_text()
+
+
+def test_fused_eq6_compiles_for_hopper():
+    """Triton's own compiler and ptxas build both kernels for sm_90 here, without a GPU."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from esskit.loss_triton import BLOCK_N, _eq6_backward, _eq6_forward
+
+    consts = {"D": 12, "DP": 16, "K1": 9, "NORMALIZE": True, "IGNORE": -1, "EPS": 1e-12, "BLOCK_N": BLOCK_N}
+    ptrs = {"x_ptr": "*fp32", "mu_ptr": "*fp32", "cand_ptr": "*i32", "t_ptr": "*i64"}
+    kernels = [(_eq6_forward, {**ptrs, "loss_ptr": "*fp32", "lse_ptr": "*fp32", "n": "i32", "inv_tau": "fp32"}, {}),
+               (_eq6_backward, {**ptrs, "lse_ptr": "*fp32", "grad_ptr": "*fp32", "gx_ptr": "*fp16",
+                                "acc_ptr": "*fp32", "n": "i32", "inv_tau": "fp32"}, {"NEED_GX": True})]
+    for fn, signature, extra in kernels:
+        constexprs = {**consts, **extra}
+        try:
+            kernel = triton.compile(ASTSource(fn=fn, signature={**signature, **dict.fromkeys(constexprs, "constexpr")},
+                                              constexprs=constexprs),
+                                    target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+        except RuntimeError as error:  # a Triton build without the NVIDIA backend's tools
+            pytest.skip(f"no CUDA toolchain in this Triton: {error}")
+        assert kernel.asm["cubin"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the compiled kernels)")
+def test_compiled_fused_eq6_matches_the_gathered_form_on_cuda():
+    from test_lean_loss import _assert_same, _grads, _inputs
+
+    from esskit.losses import ess_loss
+
+    for n, c, d, k in [(5000, 19, 12, 8), (3000, 1284, 12, 8), (2000, 10_000, 32, 6)]:
+        x, mu, t = (v.cuda() for v in _inputs(n=n, c=c, d=d, seed=c))
+        fused = _grads(lambda a, m: ess_loss(a, m, t, k, kernel="triton"), x, mu)
+        _assert_same(fused, _grads(lambda a, m: ess_loss(a, m, t, k, dense=False), x, mu))
