@@ -53,20 +53,22 @@ class MethodConfig:
     margin_weight: float = 1.0  # weight of Eq. 7 in the loss; 0 disables it (Table 3 ablation)
     negatives: str = "nearest"  # "nearest" (kNN) or "random" (Table 2 ablation)
     normalize: bool = True  # L2-normalise pixel and class embeddings (Table 3 ablation)
-    knn: str = "torch"  # exact kNN backend: "torch" (chunked), "faiss" (optional extra) or "triton" (fused, CUDA)
+    # exact kNN backend: "auto" (triton on CUDA, else torch), "torch" (chunked), "faiss" (optional
+    # extra) or "triton" (one fused kernel, CUDA)
+    knn: str = "auto"
     knn_chunk_mib: int = 64  # memory budget of one kNN distance block [rows, C] (fp32)
     knn_at: str = "label"  # "label" (paper) or "feature": one search per stride-4 decoder pixel, shared
     knn_block: int = 1  # 1 (paper), 2 or 4: one search per b x b label-pixel block (its mean direction)
-    loss_kernel: str = "torch"  # Eq. 6 in "torch" (chunked; dense or gathered by C) or "triton" (fused, CUDA)
+    loss_kernel: str = "auto"  # Eq. 6: "auto" (triton on CUDA), "torch" (chunked) or "triton" (fused, CUDA)
     loss_chunk_mib: int = 64  # pixel chunk of the ESS losses: [rows, k+1, d] (ess) or [rows, C] (ess_full)
 
     def __post_init__(self):
         _check_choice("method", "name", self.name, ("ess", "ess_full", "baseline"))
         _check_choice("method", "variant", self.variant, ("paper", "essnet"))
         _check_choice("method", "negatives", self.negatives, ("nearest", "random"))
-        _check_choice("method", "knn", self.knn, ("torch", "faiss", "triton"))
+        _check_choice("method", "knn", self.knn, ("auto", "torch", "faiss", "triton"))
         _check_choice("method", "knn_at", self.knn_at, ("label", "feature"))
-        _check_choice("method", "loss_kernel", self.loss_kernel, ("torch", "triton"))
+        _check_choice("method", "loss_kernel", self.loss_kernel, ("auto", "torch", "triton"))
         _check_choice("method", "knn_block", self.knn_block, (1, 2, 4))
         _check_positive("method", self, ["k", "tau", "knn_chunk_mib", "loss_chunk_mib"])
         _check_positive("method", self, ["margin", "margin_weight"], allow_zero=True)

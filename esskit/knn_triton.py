@@ -8,7 +8,7 @@ tile into a running per-query top-k held in registers: it moves the tile's small
 the slot of the current worst of the k until no query's tile minimum beats its worst, so after
 the first tiles most tiles cost one min and one max. Nothing of size [N, C] is written.
 
-`method.knn = "triton"`: CUDA tensors (or any tensors under TRITON_INTERPRET=1, which the tests
+`method.knn = "triton"` (and "auto", the default, on CUDA GPUs): CUDA tensors (or any tensors under TRITON_INTERPRET=1, which the tests
 use on CPUs). Fake tensors (the profiler's estimate) take `knn_exact`, whose blocks bound this
 kernel's memory (it allocates only its [N, k] outputs).
 """
@@ -79,6 +79,13 @@ if triton is not None:
 
 def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def fused_by_default(x: torch.Tensor) -> bool:
+    """What `method.knn` / `method.loss_kernel = "auto"` pick: the fused kernels for real CUDA
+    tensors on GPUs Triton builds for (sm_70+), the chunked torch code elsewhere (CPUs, fake tensors)."""
+    return (triton is not None and x.is_cuda and not is_fake(x)
+            and torch.cuda.get_device_capability(x.device) >= (7, 0))
 
 
 @torch.no_grad()

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from esskit.lean_loss import CandidateCrossEntropy, full_cross_entropy, unit
+from esskit.knn_triton import fused_by_default
 from esskit.loss_triton import fused_candidate_cross_entropy
 from esskit.config import MethodConfig
 from esskit.data import IGNORE_INDEX
@@ -89,14 +90,15 @@ def _kept_mean(total: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def ess_loss(pixel_emb: torch.Tensor, class_emb: torch.Tensor, target: torch.Tensor, k: int,
              tau: float = 0.05, *, negatives: str = "nearest", normalize: bool = True, knn=knn_exact,
              neighbours: GridNeighbours | None = None, chunk_bytes: int = LOSS_CHUNK_BYTES,
-             dense: bool | None = None, kernel: str = "torch") -> torch.Tensor:
+             dense: bool | None = None, kernel: str = "auto") -> torch.Tensor:
     """Eq. 6: softmax over the target and its k nearest negative classes, logits -|x - mu|^2 / tau.
 
     pixel_emb [N, d], class_emb [C, d], target [N] (IGNORE_INDEX pixels weigh 0). With k = C - 1
     this is exactly the full softmax cross-entropy of Eq. 5. Memory: the int32 candidates
     [N, k+1] plus chunks of `chunk_bytes`; pixel embeddings are normalised chunk by chunk.
     `dense` computes it through [rows, C] logit blocks (None: when C <= DENSE_MAX_CLASSES);
-    `kernel = "triton"` in two fused kernels instead (`esskit.loss_triton`; CUDA).
+    `kernel = "triton"` in two fused kernels instead (`esskit.loss_triton`; CUDA), "auto" when the
+    inputs are CUDA tensors (`knn_triton.fused_by_default`).
     """
     x, mu = pixel_emb.float(), class_emb.float()
     if normalize:
@@ -104,7 +106,7 @@ def ess_loss(pixel_emb: torch.Tensor, class_emb: torch.Tensor, target: torch.Ten
     rows = max(1, chunk_bytes // (4 * (k + 1) * x.shape[1]))
     cand = ess_candidates(x.detach(), mu.detach(), target, k, rows=rows, negatives=negatives,
                           normalize=normalize, knn=knn, neighbours=neighbours)
-    if kernel == "triton":
+    if kernel == "triton" or (kernel == "auto" and fused_by_default(x)):
         return _kept_mean(fused_candidate_cross_entropy(x, mu, cand, target, tau, normalize, rows), target)
     if dense is None:
         dense = mu.shape[0] <= DENSE_MAX_CLASSES

@@ -86,6 +86,7 @@ VARIANTS = {
     "ess_dense": (_ess(True), {}, "ESS Eq. 6, lean ([rows, C] logit blocks)"),
     "ess_faiss": (ess_paper_loss, {"knn": "faiss"}, "ESS lean, FAISS kNN"),
     "ess_triton": (ess_paper_loss, {"knn": "triton"}, "ESS lean, fused Triton kNN"),
+    "ess_fused": (ess_paper_loss, {"knn": "triton", "loss_kernel": "triton"}, "ESS, fused kNN and Eq. 6 kernels"),
     "ess_feature": (ess_paper_loss, {"knn_at": "feature"}, "ESS lean, knn_at=feature"),
     "ess_block2": (ess_paper_loss, {"knn_block": 2}, "ESS lean, knn_block=2"),
     "ess_block4": (ess_paper_loss, {"knn_block": 4}, "ESS lean, knn_block=4"),
@@ -193,7 +194,7 @@ def unavailable(name: str, cfg: MethodConfig, device: torch.device) -> str | Non
     if cfg.knn == "faiss" and importlib.util.find_spec("faiss") is None:
         return "FAISS is not installed"
     if cfg.knn == "triton" and (device.type != "cuda" or importlib.util.find_spec("triton") is None):
-        return "the Triton kNN needs a CUDA GPU"
+        return "the Triton kernels need a CUDA GPU"
     if name == "ess_full" and not has_builtin_linear_cross_entropy():
         return f"torch {torch.__version__} has no torch.nn.functional.linear_cross_entropy"
     return None
@@ -201,8 +202,9 @@ def unavailable(name: str, cfg: MethodConfig, device: torch.device) -> str | Non
 
 def bench_cell(name: str, classes: int, args) -> dict:
     fn, sets, _ = VARIANTS[name]
+    # the chunked torch code unless a variant names a kernel ("auto" would follow the device)
     cfg = MethodConfig(k=args.k, margin_weight=0.0, knn_chunk_mib=args.knn_chunk_mib,
-                       loss_chunk_mib=args.loss_chunk_mib, **sets)
+                       loss_chunk_mib=args.loss_chunk_mib, **{"knn": "torch", "loss_kernel": "torch", **sets})
     row = dict.fromkeys(COLUMNS)
     row.update(device=args.device_name, variant=name, classes=classes, pixels=args.batch * args.size ** 2,
                d=args.d, k=args.k, note="")

@@ -96,3 +96,15 @@ def test_compiled_fused_knn_matches_knn_exact_on_cuda():
         q, key = torch.randn(n, d, generator=g), torch.randn(c, d, generator=g)
         dist, idx = knn_backend("triton")(q.cuda(), key.cuda(), k)
         _assert_matches_reference(dist.cpu(), idx.cpu(), q.double(), key.double(), k)
+
+
+def test_auto_takes_the_chunked_search_on_cpu_tensors():
+    from esskit.config import MethodConfig
+    from esskit.knn import knn_exact
+    from esskit.knn_triton import fused_by_default
+
+    assert MethodConfig().knn == "auto" and MethodConfig().loss_kernel == "auto"
+    q, keys = torch.randn(20, 5), torch.randn(7, 5)
+    assert not fused_by_default(q)
+    for got, expected in zip(knn_backend("auto")(q, keys, 3), knn_exact(q, keys, 3)):
+        assert torch.equal(got, expected)
