@@ -20,6 +20,7 @@ from torch._subclasses.fake_tensor import is_fake
 
 from esskit.data import IGNORE_INDEX
 from esskit.errors import ConfigError
+from esskit.knn import FUSED_MAX_K
 from esskit.knn_triton import LAUNCH_ELEMENTS, _interpreted, triton
 from esskit.lean_loss import NORMALIZE_EPS, CandidateCrossEntropy
 
@@ -56,7 +57,7 @@ if triton is not None:
         _, xh, _ = _unit_rows(x_ptr, rows, row_ok, dims, dim_ok, D, NORMALIZE, EPS)
         z0, _, _ = _candidate_logit(xh, mu_ptr, cand_ptr, rows, row_ok, dims, dim_ok, inv_tau, 0, D, K1)
         top, total = z0, tl.full([BLOCK_N], 1.0, tl.float32)
-        for j in tl.static_range(1, K1):  # online logsumexp over the candidates
+        for j in tl.static_range(1, K1):  # online logsumexp over the candidates (unrolled: k <= FUSED_MAX_K)
             z, _, _ = _candidate_logit(xh, mu_ptr, cand_ptr, rows, row_ok, dims, dim_ok, inv_tau, j, D, K1)
             new = tl.maximum(top, z)
             total = total * tl.exp(top - new) + tl.exp(z - new)
@@ -81,7 +82,7 @@ if triton is not None:
         for j in tl.static_range(K1):
             z, c, mu = _candidate_logit(xh, mu_ptr, cand_ptr, rows, row_ok, dims, dim_ok, inv_tau, j, D, K1)
             g = tl.exp(z - lse) * w
-            if j == 0:
+            if j == 0:  # softmax minus the one-hot target
                 g -= w
             gxh += g[:, None] * mu
             # dL/dmu_c = (2/tau) g xh (dot products) and dL/d|mu_c|^2 = -g/tau, per (pixel, candidate)
@@ -155,4 +156,7 @@ def fused_candidate_cross_entropy(x, mu, cand, target, tau: float, normalize: bo
     if not (x.is_cuda or _interpreted()):
         raise ConfigError("method.loss_kernel = 'triton' runs on a CUDA GPU; set method.loss_kernel = 'torch' "
                           "on the CPU")
+    if cand.shape[1] - 1 > FUSED_MAX_K:
+        raise ConfigError(f"method.loss_kernel = 'triton' unrolls the k + 1 candidates: method.k = "
+                          f"{cand.shape[1] - 1} is over {FUSED_MAX_K}; set method.loss_kernel = 'torch'")
     return FusedCandidateCrossEntropy.apply(x, mu, cand, target, tau, normalize)

@@ -40,6 +40,14 @@ def test_fused_eq6_equals_reference_and_torch_forms():
         half = x.half().requires_grad_(True)
         ess_loss(half, mu, t, 3, kernel="triton").backward()
         assert half.grad.dtype == torch.float16 and torch.isfinite(half.grad).all()
+        # k past the unrolled limit: a clear error naming the key (and "auto" takes the torch form)
+        from esskit.errors import ConfigError
+        x, mu, t = _inputs(n=10, c=70, d=4, seed=3)
+        try:
+            ess_loss(x.float(), mu.float(), t, 65, kernel="triton")
+            raise AssertionError("k = 65 ran")
+        except ConfigError as error:
+            assert "method.k = 65 is over 64" in str(error)
         print("ok")
     """)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
