@@ -81,6 +81,14 @@ def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def require_triton(x: torch.Tensor, key: str) -> None:
+    """The one-line errors of `key = "triton"` where no fused kernel can run."""
+    if triton is None:
+        raise ConfigError(f"{key} = 'triton' needs Triton (it ships with torch's CUDA wheels); set {key} = 'torch'")
+    if not (x.is_cuda or _interpreted()):
+        raise ConfigError(f"{key} = 'triton' runs on a CUDA GPU; set {key} = 'torch' on the CPU")
+
+
 def fused_by_default(x: torch.Tensor) -> bool:
     """What `method.knn` / `method.loss_kernel = "auto"` pick: the fused kernels for real CUDA
     tensors on GPUs Triton builds for (sm_70+), the chunked torch code elsewhere (CPUs, fake tensors)."""
@@ -98,11 +106,7 @@ def knn_triton(queries: torch.Tensor, keys: torch.Tensor, k: int, block_n: int =
 
     if is_fake(queries):
         return knn_exact(queries, keys, k)
-    if triton is None:
-        raise ConfigError("method.knn = 'triton' needs Triton (it ships with torch's CUDA wheels); "
-                          "set method.knn = 'torch'")
-    if not (queries.is_cuda or _interpreted()):
-        raise ConfigError("method.knn = 'triton' runs on a CUDA GPU; set method.knn = 'torch' on the CPU")
+    require_triton(queries, "method.knn")
     _check_k(k, keys.shape[0])
     q, key = queries.detach().float().contiguous(), keys.detach().float().contiguous()
     n, d = q.shape

@@ -21,7 +21,7 @@ from torch._subclasses.fake_tensor import is_fake
 from esskit.data import IGNORE_INDEX
 from esskit.errors import ConfigError
 from esskit.knn import FUSED_MAX_K
-from esskit.knn_triton import LAUNCH_ELEMENTS, _interpreted, triton
+from esskit.knn_triton import LAUNCH_ELEMENTS, require_triton, triton
 from esskit.lean_loss import NORMALIZE_EPS, CandidateCrossEntropy
 
 BLOCK_N = 64  # pixels per program
@@ -150,12 +150,7 @@ def fused_candidate_cross_entropy(x, mu, cand, target, tau: float, normalize: bo
     `rows`-pixel chunks stands in on fake tensors)."""
     if is_fake(x):
         return CandidateCrossEntropy.apply(x, mu, cand, target, tau, normalize, rows, False)
-    if triton is None:
-        raise ConfigError("method.loss_kernel = 'triton' needs Triton (it ships with torch's CUDA wheels); "
-                          "set method.loss_kernel = 'torch'")
-    if not (x.is_cuda or _interpreted()):
-        raise ConfigError("method.loss_kernel = 'triton' runs on a CUDA GPU; set method.loss_kernel = 'torch' "
-                          "on the CPU")
+    require_triton(x, "method.loss_kernel")
     if cand.shape[1] - 1 > FUSED_MAX_K:
         raise ConfigError(f"method.loss_kernel = 'triton' unrolls the k + 1 candidates: method.k = "
                           f"{cand.shape[1] - 1} is over {FUSED_MAX_K}; set method.loss_kernel = 'torch'")

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from esskit.lean_loss import CandidateCrossEntropy, full_cross_entropy, unit
+from esskit.full_loss_triton import fused_full_cross_entropy
 from esskit.knn_triton import fused_by_default
 from esskit.loss_triton import fused_candidate_cross_entropy
 from esskit.config import MethodConfig
@@ -119,18 +120,22 @@ def ess_loss(pixel_emb: torch.Tensor, class_emb: torch.Tensor, target: torch.Ten
 
 def ess_full_loss(pixel_emb: torch.Tensor, class_emb: torch.Tensor, target: torch.Tensor, tau: float = 0.05,
                   *, normalize: bool = True, chunk_bytes: int = LOSS_CHUNK_BYTES,
-                  builtin: bool | None = None) -> torch.Tensor:
+                  builtin: bool | None = None, kernel: str = "torch") -> torch.Tensor:
     """Eq. 5 on ESS embeddings: exact softmax over all C classes, logits -|x - mu|^2 / tau.
 
     A linear cross-entropy with weight (2/tau) mu and bias -|mu|^2/tau (module doc), in pixel
     chunks of at most `chunk_bytes` of logits: no [N, C] tensor. `builtin` picks
     torch.nn.functional.linear_cross_entropy (recent torch; looked up by name) or esskit's own
     (None: the builtin when present, except on fake tensors, see `lean_loss.full_cross_entropy`).
+    `kernel = "triton"` runs fused kernels instead (`esskit.full_loss_triton`; CUDA). "auto" keeps
+    the chunked forms here: the fused Eq. 5 has not been timed on a GPU yet.
     """
     x, mu = pixel_emb.float(), class_emb.float()
     if normalize:
         mu = F.normalize(mu, dim=1)
     rows = max(1, chunk_bytes // (4 * mu.shape[0]))
+    if kernel == "triton":
+        return _kept_mean(fused_full_cross_entropy(x, mu, target, tau, normalize, rows), target)
     total = full_cross_entropy(x, mu, target, tau, normalize, rows, builtin)
     return _kept_mean(total, target)
 
@@ -220,7 +225,7 @@ def segmentation_loss(output: dict, target: torch.Tensor, cfg: MethodConfig, knn
     emb, class_emb = output["embeddings"].float(), output["class_embeddings"]
     if cfg.name == "ess_full":
         cls = ess_full_loss(pixels_last(upsample(emb, size)), class_emb, target.reshape(-1), cfg.tau,
-                            normalize=cfg.normalize, chunk_bytes=cfg.loss_chunk_mib * 2**20)
+                            normalize=cfg.normalize, chunk_bytes=cfg.loss_chunk_mib * 2**20, kernel=cfg.loss_kernel)
         parts = {"loss_full": cls.detach()}
     elif cfg.variant == "essnet":
         emb = upsample(F.normalize(emb, dim=1), size)

@@ -64,7 +64,7 @@ def _full(builtin):
     def loss(emb, class_emb, target, cfg, knn):
         x = pixels_last(upsample(emb, target.shape[-2:]))
         return ess_full_loss(x, class_emb, target.reshape(-1), cfg.tau, chunk_bytes=cfg.loss_chunk_mib * MIB,
-                             builtin=builtin)
+                             builtin=builtin, kernel=cfg.loss_kernel)
     return loss
 
 
@@ -92,6 +92,7 @@ VARIANTS = {
     "ess_block4": (ess_paper_loss, {"knn_block": 4}, "ESS lean, knn_block=4"),
     "ess_full": (_full(True), {"name": "ess_full"}, "ess_full, torch linear_cross_entropy"),
     "ess_full_esskit": (_full(False), {"name": "ess_full"}, "ess_full, esskit chunked"),
+    "ess_full_fused": (_full(None), {"name": "ess_full", "loss_kernel": "triton"}, "ess_full, fused Triton kernels"),
 }
 
 
@@ -193,7 +194,7 @@ def unavailable(name: str, cfg: MethodConfig, device: torch.device) -> str | Non
     """Why this variant cannot run here (an optional library or a newer torch), else None."""
     if cfg.knn == "faiss" and importlib.util.find_spec("faiss") is None:
         return "FAISS is not installed"
-    if cfg.knn == "triton" and (device.type != "cuda" or importlib.util.find_spec("triton") is None):
+    if "triton" in (cfg.knn, cfg.loss_kernel) and (device.type != "cuda" or importlib.util.find_spec("triton") is None):
         return "the Triton kernels need a CUDA GPU"
     if name == "ess_full" and not has_builtin_linear_cross_entropy():
         return f"torch {torch.__version__} has no torch.nn.functional.linear_cross_entropy"

@@ -13,8 +13,9 @@
 #               (step_breakdown.py), and ESS (method.knn = "triton") and ess_full at batch 8 to C = 100,000.
 #   b4          (not in the default list) batch 4, C = 150 and 1284: the largest equal batch at which
 #               the baseline runs at C = 1284; baseline / ESS / ess_full, then ESS with the fused kNN.
-#   fused       (not in the default list) ESS with both fused kernels (method.knn and method.loss_kernel
-#               = "triton") at batch 8 and 4 beside the baseline, after the kernels' GPU tests.
+#   fused       (not in the default list) ESS and ess_full with the fused kernels (method.knn and
+#               method.loss_kernel = "triton") at batch 8 and 4 beside the baseline and ess_full's torch
+#               form, and ESS with the shared (approximate) searches, after the kernels' GPU tests.
 #   steps       (not in the default list) profiler tables of ESS with the fused kNN and the baseline.
 # Usage: [PARTS=...] [PART_TIMEOUT_S=240] [DEADLINE_S=...] profiling/run_cuda.sh [RESULTS_DIR]
 # (default profiling/results). Each part is time-boxed, and with DEADLINE_S no part runs past that
@@ -67,7 +68,7 @@ for part in $parts; do
           --out "$results/resnet50-512-fp32-b8-cuda" ;;
     bench) run python profiling/bench_loss.py --device cuda --batch 8 --size 512 --loss-chunk-mib 64 \
              --knn-chunk-mib 64 --classes 19,150,1284,10000 --reps 5 --budget-s 5 --max-mib 60000 \
-             --variants baseline,ess,ess_dense,ess_triton,ess_feature,ess_block4,ess_full_esskit \
+             --variants baseline,ess,ess_dense,ess_triton,ess_fused,ess_feature,ess_block4,ess_full_esskit,ess_full_fused \
              --out "$results/bench_loss-cuda" ;;
     amp) amp ;;
     d32) run esskit profile --device cuda --backbone resnet50 --crop 512 --budget-gib 70 --batch 8 \
@@ -85,15 +86,20 @@ for part in $parts; do
             --set method.knn=$knn --out "$results/resnet50-512-fp32-b4-$knn-cuda"
         done ;;
     fused) fused="--set method.knn=triton --set method.loss_kernel=triton"
+           b8="esskit profile --device cuda --backbone resnet50 --crop 512 --budget-gib 70 --batch 8"
            run python -m pytest -q tests/test_knn_triton.py tests/test_loss_triton.py -k cuda
            run python profiling/step_breakdown.py --cells "" --selection-classes "" --knn-classes 150,1284 \
              --out "$results/knn_compare-sorted-cuda"
-           run esskit profile --device cuda --backbone resnet50 --crop 512 --budget-gib 70 --batch 8 \
-             --classes 19,150 --methods baseline --out "$results/resnet50-512-fp32-b8-fused-baseline-cuda"
-           run esskit profile --device cuda --backbone resnet50 --crop 512 --budget-gib 70 --batch 8 \
-             --classes 19,150,1284,10000 --methods ess $fused --out "$results/resnet50-512-fp32-b8-fused-cuda"
+           run $b8 --classes 19,150 --methods baseline --out "$results/resnet50-512-fp32-b8-fused-baseline-cuda"
+           run $b8 --classes 19,150,1284,10000 --methods ess,ess_full $fused --out "$results/resnet50-512-fp32-b8-fused-cuda"
+           run $b8 --classes 1284 --methods ess_full --set method.loss_kernel=torch \
+             --out "$results/resnet50-512-fp32-b8-full-torch-cuda"
+           for share in "knn_block=4" "knn_at=feature"; do  # the approximate searches: 1/16 of the queries
+             run $b8 --classes 1284 --methods ess $fused --set "method.$share" \
+               --out "$results/resnet50-512-fp32-b8-fused-${share/=/-}-cuda"
+           done
            run esskit profile --device cuda --backbone resnet50 --crop 512 --budget-gib 70 --batch 4 \
-             --classes 1284 --methods baseline,ess $fused --out "$results/resnet50-512-fp32-b4-fused-cuda" ;;
+             --classes 1284 --methods baseline,ess,ess_full $fused --out "$results/resnet50-512-fp32-b4-fused-cuda" ;;
     steps) run python profiling/step_breakdown.py --cells ess:150:triton,baseline:150,ess:1284:triton \
              --selection-classes "" --knn-classes "" --out "$results/step_breakdown-triton-cuda" ;;
     *) echo "unknown part $part (smoke fp32 fp16 b8 b4 bench amp d32 knn fused steps)"; status=1 ;;

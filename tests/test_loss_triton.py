@@ -1,12 +1,14 @@
-"""esskit.loss_triton, Eq. 6 in two fused Triton kernels: values and gradients against the
-brute-force Eq. 6 of test_lean_loss and against the chunked torch forms (Triton's interpreter runs
-the kernels on this CPU, in a subprocess: TRITON_INTERPRET is read when a kernel is defined), the
-CPU refusal, the trainer end to end, and the kernels compiling for Hopper (sm_90)."""
+"""esskit.loss_triton (Eq. 6) and esskit.full_loss_triton (Eq. 5, ess_full) as fused Triton
+kernels: values and gradients against the brute-force references of test_lean_loss and against the
+chunked torch forms (Triton's interpreter runs the kernels on this CPU, in a subprocess:
+TRITON_INTERPRET is read when a kernel is defined), the CPU refusal, the trainer end to end, and
+the kernels compiling for Hopper (sm_90)."""
 
 import pytest
 import torch
 
 from esskit.errors import ConfigError
+from esskit.full_loss_triton import fused_full_cross_entropy
 from esskit.loss_triton import fused_candidate_cross_entropy
 from test_knn_triton import ROOT, _interpreted
 
@@ -53,7 +55,41 @@ def test_fused_eq6_equals_reference_and_torch_forms():
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
 
 
-def test_fused_eq6_refuses_cpu_tensors_without_the_interpreter():
+def test_fused_eq5_equals_reference_and_torch_forms():
+    result = _interpreted("""
+        import torch
+        import esskit.full_loss_triton as fused
+        import esskit.loss_triton
+        from esskit.data import IGNORE_INDEX
+        from esskit.losses import ess_full_loss
+        from test_lean_loss import _assert_same, _grads, _inputs, _reference_full
+        # C and n off the 64 x 64 tiles, C = one tile exactly, d padded to 16; ignore pixels
+        for n, c, d, normalize, seed in [(150, 12, 6, True, 0), (130, 200, 12, False, 1), (70, 64, 7, True, 2)]:
+            x, mu, t = _inputs(n=n, c=c, d=d, seed=seed)
+            tau = 0.1 if normalize else 2.0
+            ours = _grads(lambda a, m: ess_full_loss(a, m, t, tau, normalize=normalize, kernel="triton"), x, mu)
+            _assert_same(ours, _grads(lambda a, m: _reference_full(a, m, t, tau, normalize), x, mu))
+            _assert_same(ours, _grads(lambda a, m: ess_full_loss(a, m, t, tau, normalize=normalize, builtin=False),
+                                      x, mu))
+        # the dL/dmu kernel's pixel splits (several blocks per split, a short last one) and several
+        # launches (int32 offsets): the same gradients
+        x, mu, t = _inputs(n=200, c=100, d=12, seed=4)
+        one = _grads(lambda a, m: ess_full_loss(a, m, t, 0.05, kernel="triton"), x, mu)
+        fused.SPLIT_PROGRAMS = 2  # 2 tiles: 1 split of all 4 blocks (64 rows each), the last block short
+        _assert_same(_grads(lambda a, m: ess_full_loss(a, m, t, 0.05, kernel="triton"), x, mu), one)
+        fused.SPLIT_PROGRAMS = 4
+        esskit.loss_triton.LAUNCH_ELEMENTS = 64 * 12 * 3  # launches of 192 + 8 rows: splits of 2
+        # blocks, the second with 1 past the launch's rows
+        _assert_same(_grads(lambda a, m: ess_full_loss(a, m, t, 0.05, kernel="triton"), x, mu), one)
+        none = torch.full_like(t, IGNORE_INDEX)
+        loss, gx, gmu = _grads(lambda a, m: ess_full_loss(a, m, none, kernel="triton"), x, mu)
+        assert loss.item() == 0.0 and torch.all(gx == 0) and torch.all(gmu == 0)
+        print("ok")
+    """)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+
+
+def test_fused_kernels_refuse_cpu_tensors_without_the_interpreter():
     import os
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("the interpreter runs CPU tensors")
@@ -61,10 +97,13 @@ def test_fused_eq6_refuses_cpu_tensors_without_the_interpreter():
     cand, target = torch.zeros(4, 2, dtype=torch.int32), torch.zeros(4, dtype=torch.long)
     with pytest.raises(ConfigError, match="method.loss_kernel = 'triton' runs on a CUDA GPU"):
         fused_candidate_cross_entropy(x, mu, cand, target, 0.05, True, rows=4)
+    with pytest.raises(ConfigError, match="method.loss_kernel = 'triton' runs on a CUDA GPU"):
+        fused_full_cross_entropy(x, mu, target, 0.05, True, rows=4)
 
 
-def test_cli_trains_with_the_fused_kernels(tmp_path):
-    tiny = ["train.steps=2", "train.batch_size=2", "data.crop=[32,32]", "data.base_size=[32,32]",
+@pytest.mark.parametrize("method", ["ess", "ess_full"])
+def test_cli_trains_with_the_fused_kernels(tmp_path, method):
+    tiny = [f"method.name={method}", "train.steps=2", "train.batch_size=2", "data.crop=[32,32]", "data.base_size=[32,32]",
             "data.synthetic_image_size=32", "data.synthetic_train_size=4", "data.synthetic_val_size=2",
             "train.log_every=1", "eval.batch_size=2", "method.knn=triton", "method.loss_kernel=triton",
             "model.embed_dim=8"]
@@ -79,8 +118,8 @@ def test_cli_trains_with_the_fused_kernels(tmp_path):
     assert 'loss_kernel = "triton"' in (tmp_path / "run" / "config.toml").read_text()
 
 
-def test_fused_eq6_compiles_for_hopper():
-    """Triton's own compiler and ptxas build both kernels for sm_90 here, without a GPU."""
+def test_fused_kernels_compile_for_hopper():
+    """Triton's own compiler and ptxas build the five kernels for sm_90 here, without a GPU."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -91,8 +130,18 @@ def test_fused_eq6_compiles_for_hopper():
     kernels = [(_eq6_forward, {**ptrs, "loss_ptr": "*fp32", "lse_ptr": "*fp32", "n": "i32", "inv_tau": "fp32"}, {}),
                (_eq6_backward, {**ptrs, "lse_ptr": "*fp32", "grad_ptr": "*fp32", "gx_ptr": "*fp16",
                                 "acc_ptr": "*fp32", "n": "i32", "inv_tau": "fp32"}, {"NEED_GX": True})]
+    from esskit.full_loss_triton import BLOCK_C, _full_backward_mu, _full_backward_x, _full_forward
+
+    full = {"C": 1284, "D": 12, "DP": 16, "NORMALIZE": True, "IGNORE": -1, "EPS": 1e-12, "BLOCK_N": BLOCK_N,
+            "BLOCK_C": BLOCK_C}
+    rows = {"x_ptr": "*fp32", "mu_ptr": "*fp32", "t_ptr": "*i64"}
+    kernels += [(_full_forward, {**rows, "loss_ptr": "*fp32", "lse_ptr": "*fp32", "n": "i32", "inv_tau": "fp32"}, full),
+                (_full_backward_x, {**rows, "lse_ptr": "*fp32", "grad_ptr": "*fp32", "gx_ptr": "*fp32", "n": "i32",
+                                    "inv_tau": "fp32"}, full),
+                (_full_backward_mu, {**rows, "lse_ptr": "*fp32", "grad_ptr": "*fp32", "part_ptr": "*fp32", "n": "i32",
+                                     "inv_tau": "fp32"}, {**full, "SPLIT_BLOCKS": 64})]
     for fn, signature, extra in kernels:
-        constexprs = {**consts, **extra}
+        constexprs = extra if "C" in extra else {**consts, **extra}
         try:
             kernel = triton.compile(ASTSource(fn=fn, signature={**signature, **dict.fromkeys(constexprs, "constexpr")},
                                               constexprs=constexprs),
@@ -103,12 +152,14 @@ def test_fused_eq6_compiles_for_hopper():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the compiled kernels)")
-def test_compiled_fused_eq6_matches_the_gathered_form_on_cuda():
+def test_compiled_fused_kernels_match_the_torch_forms_on_cuda():
     from test_lean_loss import _assert_same, _grads, _inputs
 
-    from esskit.losses import ess_loss
+    from esskit.losses import ess_full_loss, ess_loss
 
     for n, c, d, k in [(5000, 19, 12, 8), (3000, 1284, 12, 8), (2000, 10_000, 32, 6)]:
         x, mu, t = (v.cuda() for v in _inputs(n=n, c=c, d=d, seed=c))
         fused = _grads(lambda a, m: ess_loss(a, m, t, k, kernel="triton"), x, mu)
         _assert_same(fused, _grads(lambda a, m: ess_loss(a, m, t, k, dense=False), x, mu))
+        full = _grads(lambda a, m: ess_full_loss(a, m, t, kernel="triton"), x, mu)
+        _assert_same(full, _grads(lambda a, m: ess_full_loss(a, m, t, builtin=False), x, mu))
