@@ -53,9 +53,9 @@ class MethodConfig:
     margin_weight: float = 1.0  # weight of Eq. 7 in the loss; 0 disables it (Table 3 ablation)
     negatives: str = "nearest"  # "nearest" (kNN) or "random" (Table 2 ablation)
     normalize: bool = True  # L2-normalise pixel and class embeddings (Table 3 ablation)
-    # exact kNN backend: "auto" (triton on CUDA, else torch), "torch" (chunked), "faiss" (optional
-    # extra) or "triton" (one fused kernel, CUDA)
-    knn: str = "auto"
+    # exact kNN backend: "torch" (chunked; DESIGN.md's default), "auto" (triton on CUDA GPUs, else
+    # torch; the GPU recipes set it), "faiss" (optional extra) or "triton" (one fused kernel, CUDA)
+    knn: str = "torch"
     knn_chunk_mib: int = 64  # memory budget of one kNN distance block [rows, C] (fp32)
     knn_at: str = "label"  # "label" (paper) or "feature": one search per stride-4 decoder pixel, shared
     knn_block: int = 1  # 1 (paper), 2 or 4: one search per b x b label-pixel block (its mean direction)

@@ -29,7 +29,7 @@ SPLIT_PROGRAMS = 2048  # the dL/dmu kernel splits the pixels so that about this 
 if triton is not None:
     import triton.language as tl
 
-    from esskit.loss_triton import _unit_rows
+    from esskit.loss_triton import _store_grad_x, _unit_rows
 
     @triton.jit
     def _logit_tile(xh, mu_ptr, c0, dims, dim_ok, inv_tau, C: tl.constexpr, D: tl.constexpr,
@@ -83,13 +83,7 @@ if triton is not None:
         for c0 in range(0, C, BLOCK_C):
             z, cols, mt = _logit_tile(xh, mu_ptr, c0, dims, dim_ok, inv_tau, C, D, BLOCK_C)
             gxh += tl.dot(_softmax_grad(z, cols, t, lse, w), tl.trans(mt), input_precision="ieee")
-        gxh *= 2 * inv_tau
-        if NORMALIZE:  # through x / max(|x|, eps), as lean_loss.unit_backward
-            radial = tl.sum(xh * gxh, 1) * (norm > EPS).to(tl.float32)
-            gx = (gxh - xh * radial[:, None]) / tl.maximum(norm, EPS)[:, None]
-        else:
-            gx = gxh
-        tl.store(gx_ptr + rows[:, None] * D + dims[None, :], gx, mask=row_ok[:, None] & dim_ok[None, :])
+        _store_grad_x(gx_ptr, gxh * (2 * inv_tau), xh, norm, rows, row_ok, dims, dim_ok, D, NORMALIZE, EPS)
 
     @triton.jit
     def _full_backward_mu(x_ptr, mu_ptr, t_ptr, lse_ptr, grad_ptr, part_ptr, n, inv_tau, C: tl.constexpr,

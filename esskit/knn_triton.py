@@ -8,7 +8,7 @@ tile into a running per-query top-k held in registers: it moves the tile's small
 the slot of the current worst of the k until no query's tile minimum beats its worst, so after
 the first tiles most tiles cost one min and one max. Nothing of size [N, C] is written.
 
-`method.knn = "triton"` (and "auto", the default, on CUDA GPUs): CUDA tensors (or any tensors under TRITON_INTERPRET=1, which the tests
+`method.knn = "triton"` (and "auto" on CUDA GPUs, as the GPU recipes set): CUDA tensors (or any tensors under TRITON_INTERPRET=1, which the tests
 use on CPUs). Fake tensors (the profiler's estimate) take `knn_exact`, whose blocks bound this
 kernel's memory (it allocates only its [N, k] outputs).
 """

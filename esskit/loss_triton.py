@@ -41,6 +41,17 @@ if triton is not None:
         return x, xh, norm
 
     @triton.jit
+    def _store_grad_x(gx_ptr, gxh, xh, norm, rows, row_ok, dims, dim_ok, D: tl.constexpr, NORMALIZE: tl.constexpr,
+                      EPS: tl.constexpr):
+        """Writes dL/dx from dL/dxh, through x / max(|x|, eps) as lean_loss.unit_backward."""
+        if NORMALIZE:
+            radial = tl.sum(xh * gxh, 1) * (norm > EPS).to(tl.float32)
+            gx = (gxh - xh * radial[:, None]) / tl.maximum(norm, EPS)[:, None]
+        else:
+            gx = gxh
+        tl.store(gx_ptr + rows[:, None] * D + dims[None, :], gx, mask=row_ok[:, None] & dim_ok[None, :])
+
+    @triton.jit
     def _candidate_logit(xh, mu_ptr, cand_ptr, rows, row_ok, dims, dim_ok, inv_tau, j: tl.constexpr,
                          D: tl.constexpr, K1: tl.constexpr):
         c = tl.load(cand_ptr + rows * K1 + j, mask=row_ok, other=0)
@@ -90,13 +101,7 @@ if triton is not None:
                           mask=live[:, None] & dim_ok[None, :], sem="relaxed")
             tl.atomic_add(acc_ptr + c * (D + 1) + D, -g * inv_tau, mask=live, sem="relaxed")
         if NEED_GX:
-            gxh *= 2 * inv_tau
-            if NORMALIZE:  # through x / max(|x|, eps), as lean_loss.unit_backward
-                radial = tl.sum(xh * gxh, 1) * (norm > EPS).to(tl.float32)
-                gx = (gxh - xh * radial[:, None]) / tl.maximum(norm, EPS)[:, None]
-            else:
-                gx = gxh
-            tl.store(gx_ptr + rows[:, None] * D + dims[None, :], gx, mask=row_ok[:, None] & dim_ok[None, :])
+            _store_grad_x(gx_ptr, gxh * (2 * inv_tau), xh, norm, rows, row_ok, dims, dim_ok, D, NORMALIZE, EPS)
 
 
 def _launches(n: int, per_row: int):

@@ -71,20 +71,24 @@ def test_fused_knn_refuses_cpu_tensors_without_the_interpreter():
 
 def test_fused_knn_compiles_for_hopper():
     """Triton's own compiler and ptxas build the kernel for sm_90 here, without a GPU."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from esskit.knn_triton import BLOCK_C, BLOCK_N, _knn_kernel
 
     signature = {"q_ptr": "*fp32", "k_ptr": "*fp32", "out_d_ptr": "*fp32", "out_i_ptr": "*i64", "n": "i32",
                  **dict.fromkeys(["C", "D", "DP", "KK", "K_PAD", "BLOCK_N", "BLOCK_C"], "constexpr")}
     constants = {"C": 1284, "D": 12, "DP": 16, "KK": 9, "K_PAD": 16, "BLOCK_N": BLOCK_N, "BLOCK_C": BLOCK_C}
+    assert compile_for_hopper(_knn_kernel, signature, constants).asm["cubin"]
+
+
+def compile_for_hopper(fn, signature: dict, constexprs: dict):
+    """`fn` built by Triton's compiler and ptxas for sm_90, 4 warps (skips where this Triton lacks them)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
     try:
-        kernel = triton.compile(ASTSource(fn=_knn_kernel, signature=signature, constexprs=constants),
-                                target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+        return triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                              target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
     except RuntimeError as error:  # a Triton build without the NVIDIA backend's tools
         pytest.skip(f"no CUDA toolchain in this Triton: {error}")
-    assert kernel.asm["cubin"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the compiled kernel)")
@@ -103,7 +107,7 @@ def test_auto_takes_the_chunked_search_on_cpu_tensors():
     from esskit.knn import knn_exact
     from esskit.knn_triton import fused_by_default
 
-    assert MethodConfig().knn == "auto" and MethodConfig().loss_kernel == "auto"
+    assert MethodConfig().knn == "torch" and MethodConfig().loss_kernel == "auto"  # DESIGN.md: torch kNN
     q, keys = torch.randn(20, 5), torch.randn(7, 5)
     assert not fused_by_default(q)
     for got, expected in zip(knn_backend("auto")(q, keys, 3), knn_exact(q, keys, 3)):
