@@ -99,7 +99,7 @@ def ess_loss(pixel_emb: torch.Tensor, class_emb: torch.Tensor, target: torch.Ten
     [N, k+1] plus chunks of `chunk_bytes`; pixel embeddings are normalised chunk by chunk.
     `dense` computes it through [rows, C] logit blocks (None: when C <= DENSE_MAX_CLASSES);
     `kernel = "triton"` in two fused kernels instead (`esskit.loss_triton`; CUDA), "auto" when the
-    inputs are CUDA tensors (`knn_triton.fused_by_default`).
+    inputs are CUDA tensors (`knn_triton.fused_by_default`) and `dense` is not given.
     """
     x, mu = pixel_emb.float(), class_emb.float()
     if normalize:
@@ -107,7 +107,7 @@ def ess_loss(pixel_emb: torch.Tensor, class_emb: torch.Tensor, target: torch.Ten
     rows = max(1, chunk_bytes // (4 * (k + 1) * x.shape[1]))
     cand = ess_candidates(x.detach(), mu.detach(), target, k, rows=rows, negatives=negatives,
                           normalize=normalize, knn=knn, neighbours=neighbours)
-    if kernel == "triton" or (kernel == "auto" and fused_by_default(x) and k <= FUSED_MAX_K):
+    if kernel == "triton" or (kernel == "auto" and dense is None and fused_by_default(x) and k <= FUSED_MAX_K):
         return _kept_mean(fused_candidate_cross_entropy(x, mu, cand, target, tau, normalize, rows), target)
     if dense is None:
         dense = mu.shape[0] <= DENSE_MAX_CLASSES

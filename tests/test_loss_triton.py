@@ -28,7 +28,8 @@ def test_fused_eq6_equals_reference_and_torch_forms():
             fused = _grads(lambda a, m: ess_loss(a, m, t, k, tau, normalize=normalize, kernel="triton"), x, mu)
             _assert_same(fused, _grads(lambda a, m: _reference_ess(a, m, t, k, tau, normalize), x, mu))
             for dense in (False, True):
-                torch_form = _grads(lambda a, m: ess_loss(a, m, t, k, tau, normalize=normalize, dense=dense), x, mu)
+                torch_form = _grads(lambda a, m: ess_loss(a, m, t, k, tau, normalize=normalize, dense=dense,
+                                                          kernel="torch"), x, mu)
                 _assert_same(fused, torch_form)
         # repeated random negatives: both gradients add up (atomics), as in the chunked forms
         x, mu, t = _inputs(n=300, c=5, d=4, seed=7)
@@ -152,6 +153,6 @@ def test_compiled_fused_kernels_match_the_torch_forms_on_cuda():
     for n, c, d, k in [(5000, 19, 12, 8), (3000, 1284, 12, 8), (2000, 10_000, 32, 6)]:
         x, mu, t = (v.cuda() for v in _inputs(n=n, c=c, d=d, seed=c))
         fused = _grads(lambda a, m: ess_loss(a, m, t, k, kernel="triton"), x, mu)
-        _assert_same(fused, _grads(lambda a, m: ess_loss(a, m, t, k, dense=False), x, mu))
+        _assert_same(fused, _grads(lambda a, m: ess_loss(a, m, t, k, kernel="torch"), x, mu))
         full = _grads(lambda a, m: ess_full_loss(a, m, t, kernel="triton"), x, mu)
         _assert_same(full, _grads(lambda a, m: ess_full_loss(a, m, t, builtin=False), x, mu))
