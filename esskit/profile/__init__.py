@@ -92,6 +92,7 @@ def run_profile(spec: ProfileSpec, out_dir: Path) -> list[dict]:
         "embed_dim": spec.base.model.embed_dim, "k": spec.base.method.k,
         "knn_chunk_mib": spec.base.method.knn_chunk_mib, "loss_chunk_mib": spec.base.method.loss_chunk_mib,
         "knn_at": spec.base.method.knn_at, "knn_block": spec.base.method.knn_block,
+        "knn": spec.base.method.knn, "loss_kernel": spec.base.method.loss_kernel,
         "torch": torch.__version__, "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(["esskit", *sys.argv[1:]]),

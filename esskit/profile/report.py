@@ -83,8 +83,12 @@ def write_results(rows: list[dict], settings: dict, out_dir: Path) -> list[Path]
 
 def _title(settings: dict) -> str:
     precision = "fp32" if settings["precision"] == "no" else f"{settings['precision']} AMP"
+    # results from before these settings were recorded name no kernels (their command line does)
+    kernels = (f"kNN {settings['knn']}, loss kernel {settings['loss_kernel']}, " if "loss_kernel" in settings
+               else "")
     return (f"{settings['backbone']}, crop {settings['crop']}, d={settings['embed_dim']}, k={settings['k']}, "
-            f"{precision}, {settings['budget_gib']:g} GiB budget, {settings['source']} on {settings['device_name']}")
+            f"{precision}, {kernels}{settings['budget_gib']:g} GiB budget, {settings['source']} on "
+            f"{settings['device_name']}")
 
 
 def plot_figure1(rows: list[dict], settings: dict, path: Path) -> None:
