@@ -25,6 +25,10 @@ from esskit.knn_triton import LAUNCH_ELEMENTS, require_triton, triton
 from esskit.lean_loss import NORMALIZE_EPS, CandidateCrossEntropy
 
 BLOCK_N = 64  # pixels per program
+# Copies of the [C, d+1] gradient accumulator, program i adding into copy i % ACC_REPLICAS: fewer
+# atomics meet at one address when many pixels share few classes. 1 is what the H100 timed;
+# profiling/bench_loss.py's ess_fused_r16 tries 16.
+ACC_REPLICAS = 1
 
 if triton is not None:
     import triton.language as tl
@@ -79,8 +83,8 @@ if triton is not None:
         tl.store(lse_ptr + rows, lse, mask=row_ok)
 
     @triton.jit
-    def _eq6_backward(x_ptr, mu_ptr, cand_ptr, t_ptr, lse_ptr, grad_ptr, gx_ptr, acc_ptr, n, inv_tau,
-                      D: tl.constexpr, DP: tl.constexpr, K1: tl.constexpr, NORMALIZE: tl.constexpr,
+    def _eq6_backward(x_ptr, mu_ptr, cand_ptr, t_ptr, lse_ptr, grad_ptr, gx_ptr, acc_ptr, acc_size, replicas, n,
+                      inv_tau, D: tl.constexpr, DP: tl.constexpr, K1: tl.constexpr, NORMALIZE: tl.constexpr,
                       IGNORE: tl.constexpr, EPS: tl.constexpr, NEED_GX: tl.constexpr, BLOCK_N: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok, dims = rows < n, tl.arange(0, DP)
@@ -89,6 +93,7 @@ if triton is not None:
         lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
         w = (tl.load(t_ptr + rows, mask=row_ok, other=IGNORE) != IGNORE).to(tl.float32) * tl.load(grad_ptr)
         live = row_ok & (w != 0)  # ignore pixels add nothing: no atomics for them
+        acc_ptr += (tl.program_id(0) % replicas) * acc_size  # this program's copy of [C, d+1]
         gxh = tl.zeros([BLOCK_N, DP], tl.float32)
         for j in tl.static_range(K1):
             z, c, mu = _candidate_logit(xh, mu_ptr, cand_ptr, rows, row_ok, dims, dim_ok, inv_tau, j, D, K1)
@@ -131,7 +136,7 @@ class FusedCandidateCrossEntropy(torch.autograd.Function):
                 x[start:stop], mu, cand[start:stop], target[start:stop], loss[start:stop], lse[start:stop],
                 stop - start, 1 / tau, **consts)
         ctx.save_for_backward(x, mu, cand, target, lse)
-        ctx.tau, ctx.normalize = tau, normalize
+        ctx.tau, ctx.normalize, ctx.replicas = tau, normalize, ACC_REPLICAS
         return loss.sum()
 
     @staticmethod
@@ -139,13 +144,14 @@ class FusedCandidateCrossEntropy(torch.autograd.Function):
         x, mu, cand, target, lse = ctx.saved_tensors
         d, need_gx = mu.shape[1], ctx.needs_input_grad[0]
         gx = torch.empty_like(x) if need_gx else x  # (not written without NEED_GX)
-        acc = mu.new_zeros(mu.shape[0], d + 1)
+        acc = mu.new_zeros(ctx.replicas, mu.shape[0], d + 1)
         grad = grad.detach().float().reshape(1).contiguous()
         consts = _constants(x, cand, ctx.normalize)
         for start, stop in _launches(x.shape[0], max(d, cand.shape[1])):
             _eq6_backward[(triton.cdiv(stop - start, BLOCK_N),)](
                 x[start:stop], mu, cand[start:stop], target[start:stop], lse[start:stop], grad, gx[start:stop],
-                acc, stop - start, 1 / ctx.tau, NEED_GX=need_gx, **consts)
+                acc, acc[0].numel(), ctx.replicas, stop - start, 1 / ctx.tau, NEED_GX=need_gx, **consts)
+        acc = acc.sum(0)
         gmu = acc[:, :d] + 2 * acc[:, d:] * mu  # the -|mu|^2/tau term
         return (gx if need_gx else None), gmu, None, None, None, None
 

@@ -20,6 +20,7 @@ import argparse
 import csv
 import importlib.util
 import json
+import os
 import platform
 import statistics
 import time
@@ -74,6 +75,17 @@ def _ess(dense):
     return loss
 
 
+def _replicated(copies):
+    def loss(emb, class_emb, target, cfg, knn):
+        import esskit.loss_triton as fused
+        before, fused.ACC_REPLICAS = fused.ACC_REPLICAS, copies
+        try:  # the forward keeps the setting for its backward
+            return ess_paper_loss(emb, class_emb, target, cfg, knn)
+        finally:
+            fused.ACC_REPLICAS = before
+    return loss
+
+
 def _baseline(logits, class_emb, target, cfg, knn):
     return segmentation_loss({"logits": logits}, target, cfg)[0]
 
@@ -93,17 +105,25 @@ VARIANTS = {
     "ess_full": (_full(True), {"name": "ess_full"}, "ess_full, torch linear_cross_entropy"),
     "ess_full_esskit": (_full(False), {"name": "ess_full"}, "ess_full, esskit chunked"),
     "ess_full_fused": (_full(None), {"name": "ess_full", "loss_kernel": "triton"}, "ess_full, fused Triton kernels"),
+    "ess_fused_r16": (_replicated(16), {"knn": "triton", "loss_kernel": "triton"},
+                      "ESS, fused kernels, 16 accumulator copies"),
 }
 
 
-def make_inputs(cfg: MethodConfig, classes: int, batch: int, size: int, d: int, seed: int = 0, device="cpu"):
+def make_inputs(cfg: MethodConfig, classes: int, batch: int, size: int, d: int, seed: int = 0, device="cpu",
+                labels: str = "random"):
     """Stride-4 head output (d channels, or C logits for the baseline), class embeddings, labels
-    (2 % ignore pixels)."""
+    (2 % ignore pixels): i.i.d. per pixel ("random") or one class per 32 x 32 block ("blocks", the
+    spatial coherence of real masks, which decides how often the fused kernels' atomics collide)."""
     g = torch.Generator().manual_seed(seed)
     channels = classes if cfg.name == "baseline" else d
     emb = torch.randn(batch, channels, size // 4, size // 4, generator=g)
     class_emb = torch.randn(classes, d, generator=g)
-    target = torch.randint(0, classes, (batch, size, size), generator=g)
+    if labels == "blocks":
+        cells = torch.randint(0, classes, (batch, -(-size // 32), -(-size // 32)), generator=g)
+        target = cells.repeat_interleave(32, 1).repeat_interleave(32, 2)[:, :size, :size].contiguous()
+    else:
+        target = torch.randint(0, classes, (batch, size, size), generator=g)
     target.view(-1)[::50] = IGNORE_INDEX
     return tuple(t.to(device) for t in (emb, class_emb, target))
 
@@ -194,7 +214,8 @@ def unavailable(name: str, cfg: MethodConfig, device: torch.device) -> str | Non
     """Why this variant cannot run here (an optional library or a newer torch), else None."""
     if cfg.knn == "faiss" and importlib.util.find_spec("faiss") is None:
         return "FAISS is not installed"
-    if "triton" in (cfg.knn, cfg.loss_kernel) and (device.type != "cuda" or importlib.util.find_spec("triton") is None):
+    runs_triton = device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"  # (the tests: interpreted)
+    if "triton" in (cfg.knn, cfg.loss_kernel) and (not runs_triton or importlib.util.find_spec("triton") is None):
         return "the Triton kernels need a CUDA GPU"
     if name == "ess_full" and not has_builtin_linear_cross_entropy():
         return f"torch {torch.__version__} has no torch.nn.functional.linear_cross_entropy"
@@ -217,7 +238,7 @@ def bench_cell(name: str, classes: int, args) -> dict:
     if row["peak_mib"] is not None and row["peak_mib"] > args.max_mib:
         row["note"] = f"not timed: needs {row['peak_mib'] / 1024:.1f} GiB > --max-mib"
         return row
-    inputs = make_inputs(cfg, classes, args.batch, args.size, args.d, device=args.device)
+    inputs = make_inputs(cfg, classes, args.batch, args.size, args.d, device=args.device, labels=args.labels)
     try:
         if args.device.type == "cuda":
             row["measured_peak_mib"] = measured_peak_mib(fn, cfg, inputs)
@@ -306,6 +327,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--d", type=int, default=12)
+    parser.add_argument("--labels", choices=("random", "blocks"), default="random",
+                        help="i.i.d. labels per pixel, or one class per 32 x 32 block (as real masks)")
     parser.add_argument("--k", type=int, default=8)
     parser.add_argument("--reps", type=int, default=3)
     # Chunks scaled to N = 65,536 pixels as the library defaults (64 MiB) are to a 16 x 512^2 batch.

@@ -4,7 +4,8 @@
 #   fp32, fp16  max batch / peak / times at a 12 GiB cap (the paper's Titan): Figure 1, Tables 6-7;
 #   b8          equal batch 8 (R50 512^2), baseline / ESS / ess_full from C = 19 to 100,000: time per
 #               image ratios, kNN share of the step, peak memory (cap raised so the baseline fits where it can);
-#   bench       the loss-step benchmark on the GPU;
+#   bench       the loss-step benchmark on the GPU (then its fused variants on block-shaped labels, where
+#               the atomics of the fused Eq. 6 backward collide as on real masks);
 #   amp         1-process `accelerate launch` training of the synthetic recipe in fp32, fp16 and bf16;
 #   d32         (not in the default list) ESS and ess_full at batch 8, C = 1284, d = 32: the time cost
 #               of the synthetic recipe's d against b8's d = 12.
@@ -68,8 +69,11 @@ for part in $parts; do
           --out "$results/resnet50-512-fp32-b8-cuda" ;;
     bench) run python profiling/bench_loss.py --device cuda --batch 8 --size 512 --loss-chunk-mib 64 \
              --knn-chunk-mib 64 --classes 19,150,1284,10000 --reps 5 --budget-s 5 --max-mib 60000 \
-             --variants baseline,ess,ess_dense,ess_triton,ess_fused,ess_feature,ess_block4,ess_full_esskit,ess_full_fused \
-             --out "$results/bench_loss-cuda" ;;
+             --variants baseline,ess,ess_dense,ess_triton,ess_fused,ess_fused_r16,ess_feature,ess_block4,ess_full_esskit,ess_full_fused \
+             --out "$results/bench_loss-cuda"
+           run python profiling/bench_loss.py --device cuda --batch 8 --size 512 --loss-chunk-mib 64 \
+             --knn-chunk-mib 64 --classes 19,150,1284 --reps 5 --budget-s 5 --max-mib 60000 --labels blocks \
+             --variants ess,ess_fused,ess_fused_r16 --out "$results/bench_loss-blocks-cuda" ;;
     amp) amp ;;
     d32) run esskit profile --device cuda --backbone resnet50 --crop 512 --budget-gib 70 --batch 8 \
            --classes 1284 --methods ess,ess_full --set model.embed_dim=32 \

@@ -2,6 +2,7 @@
 taken against ESS at the same C, and the files exist (the GPU script runs this unattended)."""
 
 import csv
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -28,3 +29,16 @@ def test_bench_loss_writes_one_row_per_variant_and_class_count(tmp_path):
             assert rows["ess_full", c]["note"].startswith("not run: torch") and rows["ess_full", c]["time_s"] == ""
         assert 0 <= float(rows["ess_block2", c]["neg_diff_frac"]) <= 1  # shared neighbours are inexact
     assert {p.name for p in out.iterdir()} == {"results.csv", "results.json", "results.md", "bench_loss.png"}
+
+
+def test_bench_loss_runs_the_fused_variants_with_block_labels(tmp_path):
+    # Triton's interpreter stands in for the GPU: the variants that only a GPU times here run end to end
+    out = tmp_path / "bench"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    variants = ("ess", "ess_fused", "ess_fused_r16", "ess_full_fused")
+    subprocess.run([sys.executable, str(SCRIPT), "--classes", "19", "--variants", ",".join(variants), "--labels", "blocks",
+                    "--batch", "1", "--size", "40", "--reps", "1", "--threads", "1", "--out", str(out)],
+                   check=True, capture_output=True, timeout=300, env=env)
+    with open(out / "results.csv") as f:
+        rows = {r["variant"]: r for r in csv.DictReader(f)}
+    assert set(rows) == set(variants) and all(float(r["time_s"]) > 0 for r in rows.values()), rows

@@ -36,6 +36,13 @@ def test_fused_eq6_equals_reference_and_torch_forms():
         runs = [_grads(lambda a, m: ess_loss(a, m, t, 6, 0.1, negatives="random", kernel=kernel), x, mu)
                 for kernel in ("torch", "triton") for _ in [torch.manual_seed(0)]]
         _assert_same(runs[1], runs[0])
+        # accumulator copies (300 pixels: 5 programs over 3 copies) add up to the same gradients
+        import esskit.loss_triton
+        esskit.loss_triton.ACC_REPLICAS = 3  # read by the forward, kept for its backward
+        torch.manual_seed(0)
+        _assert_same(_grads(lambda a, m: ess_loss(a, m, t, 6, 0.1, negatives="random", kernel="triton"), x, mu),
+                     runs[0])
+        esskit.loss_triton.ACC_REPLICAS = 1
         # every pixel ignored: loss 0 and zero gradients; fp16 embeddings (autocast) keep their dtype
         none = torch.full_like(t, IGNORE_INDEX)
         loss, gx, gmu = _grads(lambda a, m: ess_loss(a, m, none, 3, kernel="triton"), x, mu)
@@ -127,7 +134,8 @@ def test_fused_kernels_compile_for_hopper():
     ptrs = {"x_ptr": "*fp32", "mu_ptr": "*fp32", "cand_ptr": "*i32", "t_ptr": "*i64"}
     kernels = [(_eq6_forward, {**ptrs, "loss_ptr": "*fp32", "lse_ptr": "*fp32", "n": "i32", "inv_tau": "fp32"}, {}),
                (_eq6_backward, {**ptrs, "lse_ptr": "*fp32", "grad_ptr": "*fp32", "gx_ptr": "*fp16",
-                                "acc_ptr": "*fp32", "n": "i32", "inv_tau": "fp32"}, {"NEED_GX": True})]
+                                "acc_ptr": "*fp32", "acc_size": "i32", "replicas": "i32", "n": "i32",
+                                "inv_tau": "fp32"}, {"NEED_GX": True})]
     from esskit.full_loss_triton import BLOCK_C, _full_backward_mu, _full_backward_x, _full_forward
 
     full = {"C": 1284, "D": 12, "DP": 16, "NORMALIZE": True, "IGNORE": -1, "EPS": 1e-12, "BLOCK_N": BLOCK_N,
