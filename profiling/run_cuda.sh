@@ -93,7 +93,7 @@ for part in $parts; do
            b8="esskit profile --device cuda --backbone resnet50 --crop 512 --budget-gib 70 --batch 8"
            run python -m pytest -q tests/test_knn_triton.py tests/test_loss_triton.py -k cuda
            run python profiling/step_breakdown.py --cells "" --selection-classes "" --knn-classes 150,1284 \
-             --out "$results/knn_compare-sorted-cuda"
+             --knn-tiles 32x32x4,64x32x4,32x64x4,64x64x4,64x64x8,128x32x8,16x64x2 --out "$results/knn_compare-tiles-cuda"
            run $b8 --classes 19,150 --methods baseline --out "$results/resnet50-512-fp32-b8-fused-baseline-cuda"
            run $b8 --classes 19,150,1284,10000 --methods ess,ess_full $fused --out "$results/resnet50-512-fp32-b8-fused-cuda"
            run $b8 --classes 1284 --methods ess_full --set method.loss_kernel=torch \
