@@ -19,9 +19,9 @@ import torch
 from torch._subclasses.fake_tensor import is_fake
 
 from esskit.data import IGNORE_INDEX
-from esskit.knn_triton import require_triton, triton
+from esskit.knn_triton import launch_ranges, require_triton, triton
 from esskit.lean_loss import NORMALIZE_EPS, FullCrossEntropy
-from esskit.loss_triton import BLOCK_N, _launches
+from esskit.loss_triton import BLOCK_N
 
 BLOCK_C = 64  # classes per tile, by BLOCK_N pixels (tl.dot needs >= 16 on each side)
 SPLIT_PROGRAMS = 2048  # the dL/dmu kernel splits the pixels so that about this many programs run
@@ -124,7 +124,7 @@ class FusedFullCrossEntropy(torch.autograd.Function):
         loss = torch.empty(n, dtype=torch.float32, device=x.device)
         lse = torch.empty_like(loss)
         consts = _constants(mu, normalize)
-        for start, stop in _launches(n, d):
+        for start, stop in launch_ranges(n, d, BLOCK_N):
             _full_forward[(triton.cdiv(stop - start, BLOCK_N),)](
                 x[start:stop], mu, target[start:stop], loss[start:stop], lse[start:stop], stop - start, 1 / tau,
                 **consts)
@@ -141,7 +141,7 @@ class FusedFullCrossEntropy(torch.autograd.Function):
         gx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
         acc = mu.new_zeros(classes, d + 1)
         tiles = triton.cdiv(classes, BLOCK_C)
-        for start, stop in _launches(n, d):
+        for start, stop in launch_ranges(n, d, BLOCK_N):
             xs, ts, ls, rows = x[start:stop], target[start:stop], lse[start:stop], stop - start
             blocks = triton.cdiv(rows, BLOCK_N)
             if gx is not None:

@@ -87,11 +87,6 @@ def knn_faiss(queries: torch.Tensor, keys: torch.Tensor, k: int) -> tuple[torch.
     return torch.from_numpy(dist).to(device), torch.from_numpy(idx).long().to(device)
 
 
-# "auto" takes the fused kernels up to this k: the kNN keeps k slots per query in registers (no
-# spills up to 64, ptxas) and the fused Eq. 6 unrolls its k + 1 candidates
-FUSED_MAX_K = 64
-
-
 def knn_backend(name: str, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
     """The search function selected by `method.knn` ("auto": the fused kernel on CUDA tensors,
     2-5x faster than the chunked search on an H100, and the chunked search elsewhere)."""
@@ -103,8 +98,7 @@ def knn_backend(name: str, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
     from esskit.knn_triton import fused_by_default, knn_triton
     if name == "triton":
         return knn_triton
-    return lambda queries, keys, k: (knn_triton if fused_by_default(queries) and k <= FUSED_MAX_K else exact)(
-        queries, keys, k)
+    return lambda queries, keys, k: (knn_triton if fused_by_default(queries, k) else exact)(queries, keys, k)
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,10 @@ except ImportError:  # triton ships with torch's CUDA wheels on Linux, not every
 
 # 32 x 32 tiles, 4 warps: 76-128 registers and no spills for d = 7 ... 64 (ptxas -v, sm_90a).
 BLOCK_N, BLOCK_C = 32, 32
-LAUNCH_ELEMENTS = 2**31 - 1  # the kernel's offsets are int32: one launch covers fewer elements
+LAUNCH_ELEMENTS = 2**31 - 1  # the kernels' offsets are int32: one launch covers fewer elements
+# "auto" takes the fused kernels up to this k: the kNN keeps k slots per query in registers (no
+# spills up to 64, ptxas) and the fused Eq. 6 unrolls its k + 1 candidates
+FUSED_MAX_K = 64
 
 
 if triton is not None:
@@ -89,11 +92,18 @@ def require_triton(x: torch.Tensor, key: str) -> None:
         raise ConfigError(f"{key} = 'triton' runs on a CUDA GPU; set {key} = 'torch' on the CPU")
 
 
-def fused_by_default(x: torch.Tensor) -> bool:
+def fused_by_default(x: torch.Tensor, k: int) -> bool:
     """What `method.knn` / `method.loss_kernel = "auto"` pick: the fused kernels for real CUDA
-    tensors on GPUs Triton builds for (sm_70+), the chunked torch code elsewhere (CPUs, fake tensors)."""
-    return (triton is not None and x.is_cuda and not is_fake(x)
+    tensors on GPUs Triton builds for (sm_70+) and k <= FUSED_MAX_K, the chunked torch code
+    elsewhere (CPUs, fake tensors)."""
+    return (k <= FUSED_MAX_K and triton is not None and x.is_cuda and not is_fake(x)
             and torch.cuda.get_device_capability(x.device) >= (7, 0))
+
+
+def launch_ranges(n: int, per_row: int, block: int) -> list[tuple[int, int]]:
+    """Row ranges, whole `block`s, whose int32 offsets (up to `per_row` elements a row) stay in range."""
+    rows = max(block, LAUNCH_ELEMENTS // per_row // block * block)
+    return [(start, min(start + rows, n)) for start in range(0, n, rows)]
 
 
 @torch.no_grad()
@@ -112,9 +122,7 @@ def knn_triton(queries: torch.Tensor, keys: torch.Tensor, k: int, block_n: int =
     n, d = q.shape
     dist = torch.empty(n, k, dtype=torch.float32, device=q.device)
     idx = torch.empty(n, k, dtype=torch.int64, device=q.device)
-    rows = max(block_n, LAUNCH_ELEMENTS // max(d, k) // block_n * block_n)  # [rows, max(d, k)] per launch
-    for start in range(0, n, rows):
-        stop = min(start + rows, n)
+    for start, stop in launch_ranges(n, max(d, k), block_n):
         _knn_kernel[(triton.cdiv(stop - start, block_n),)](
             q[start:stop], key, dist[start:stop], idx[start:stop], stop - start, C=key.shape[0], D=d,
             DP=max(16, triton.next_power_of_2(d)), KK=k, K_PAD=triton.next_power_of_2(k), BLOCK_N=block_n,

@@ -20,8 +20,7 @@ from torch._subclasses.fake_tensor import is_fake
 
 from esskit.data import IGNORE_INDEX
 from esskit.errors import ConfigError
-from esskit.knn import FUSED_MAX_K
-from esskit.knn_triton import LAUNCH_ELEMENTS, require_triton, triton
+from esskit.knn_triton import FUSED_MAX_K, launch_ranges, require_triton, triton
 from esskit.lean_loss import NORMALIZE_EPS, CandidateCrossEntropy
 
 BLOCK_N = 64  # pixels per program
@@ -109,12 +108,6 @@ if triton is not None:
             _store_grad_x(gx_ptr, gxh * (2 * inv_tau), xh, norm, rows, row_ok, dims, dim_ok, D, NORMALIZE, EPS)
 
 
-def _launches(n: int, per_row: int):
-    """Row ranges whose int32 offsets (up to `per_row` elements a row) stay in range."""
-    rows = max(BLOCK_N, LAUNCH_ELEMENTS // per_row // BLOCK_N * BLOCK_N)
-    return [(start, min(start + rows, n)) for start in range(0, n, rows)]
-
-
 def _constants(x: torch.Tensor, cand: torch.Tensor, normalize: bool) -> dict:
     d = x.shape[1]
     return dict(D=d, DP=triton.next_power_of_2(d), K1=cand.shape[1], NORMALIZE=normalize,
@@ -131,7 +124,7 @@ class FusedCandidateCrossEntropy(torch.autograd.Function):
         loss = torch.empty(n, dtype=torch.float32, device=x.device)
         lse = torch.empty_like(loss)
         consts = _constants(x, cand, normalize)
-        for start, stop in _launches(n, max(x.shape[1], cand.shape[1])):
+        for start, stop in launch_ranges(n, max(x.shape[1], cand.shape[1]), BLOCK_N):
             _eq6_forward[(triton.cdiv(stop - start, BLOCK_N),)](
                 x[start:stop], mu, cand[start:stop], target[start:stop], loss[start:stop], lse[start:stop],
                 stop - start, 1 / tau, **consts)
@@ -147,7 +140,7 @@ class FusedCandidateCrossEntropy(torch.autograd.Function):
         acc = mu.new_zeros(ctx.replicas, mu.shape[0], d + 1)
         grad = grad.detach().float().reshape(1).contiguous()
         consts = _constants(x, cand, ctx.normalize)
-        for start, stop in _launches(x.shape[0], max(d, cand.shape[1])):
+        for start, stop in launch_ranges(x.shape[0], max(d, cand.shape[1]), BLOCK_N):
             _eq6_backward[(triton.cdiv(stop - start, BLOCK_N),)](
                 x[start:stop], mu, cand[start:stop], target[start:stop], lse[start:stop], grad, gx[start:stop],
                 acc, acc[0].numel(), ctx.replicas, stop - start, 1 / ctx.tau, NEED_GX=need_gx, **consts)

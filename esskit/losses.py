@@ -20,8 +20,8 @@ from esskit.knn_triton import fused_by_default
 from esskit.loss_triton import fused_candidate_cross_entropy
 from esskit.config import MethodConfig
 from esskit.data import IGNORE_INDEX
-from esskit.knn import (FUSED_MAX_K, GridNeighbours, block_neighbours, chunk_ranges, feature_neighbours,
-                        knn_backend, knn_exact)
+from esskit.knn import (GridNeighbours, block_neighbours, chunk_ranges, feature_neighbours, knn_backend,
+                        knn_exact)
 
 ESSNET_SCALE = 20.0  # the official code's logits: -20 * |x - mu| (not squared)
 LOSS_CHUNK_BYTES = 64 * 2**20  # default of method.loss_chunk_mib
@@ -107,7 +107,7 @@ def ess_loss(pixel_emb: torch.Tensor, class_emb: torch.Tensor, target: torch.Ten
     rows = max(1, chunk_bytes // (4 * (k + 1) * x.shape[1]))
     cand = ess_candidates(x.detach(), mu.detach(), target, k, rows=rows, negatives=negatives,
                           normalize=normalize, knn=knn, neighbours=neighbours)
-    if kernel == "triton" or (kernel == "auto" and dense is None and fused_by_default(x) and k <= FUSED_MAX_K):
+    if kernel == "triton" or (kernel == "auto" and dense is None and fused_by_default(x, k)):
         return _kept_mean(fused_candidate_cross_entropy(x, mu, cand, target, tau, normalize, rows), target)
     if dense is None:
         dense = mu.shape[0] <= DENSE_MAX_CLASSES

@@ -109,6 +109,6 @@ def test_auto_takes_the_chunked_search_on_cpu_tensors():
 
     assert MethodConfig().knn == "torch" and MethodConfig().loss_kernel == "auto"  # DESIGN.md: torch kNN
     q, keys = torch.randn(20, 5), torch.randn(7, 5)
-    assert not fused_by_default(q)
+    assert not fused_by_default(q, 3)
     for got, expected in zip(knn_backend("auto")(q, keys, 3), knn_exact(q, keys, 3)):
         assert torch.equal(got, expected)

@@ -67,7 +67,7 @@ def test_fused_eq5_equals_reference_and_torch_forms():
     result = _interpreted("""
         import torch
         import esskit.full_loss_triton as fused
-        import esskit.loss_triton
+        import esskit.knn_triton
         from esskit.data import IGNORE_INDEX
         from esskit.losses import ess_full_loss
         from test_lean_loss import _assert_same, _grads, _inputs, _reference_full
@@ -86,7 +86,7 @@ def test_fused_eq5_equals_reference_and_torch_forms():
         fused.SPLIT_PROGRAMS = 2  # 2 tiles: 1 split of all 4 blocks (64 rows each), the last block short
         _assert_same(_grads(lambda a, m: ess_full_loss(a, m, t, 0.05, kernel="triton"), x, mu), one)
         fused.SPLIT_PROGRAMS = 4
-        esskit.loss_triton.LAUNCH_ELEMENTS = 64 * 12 * 3  # launches of 192 + 8 rows: splits of 2
+        esskit.knn_triton.LAUNCH_ELEMENTS = 64 * 12 * 3  # launches of 192 + 8 rows: splits of 2
         # blocks, the second with 1 past the launch's rows
         _assert_same(_grads(lambda a, m: ess_full_loss(a, m, t, 0.05, kernel="triton"), x, mu), one)
         none = torch.full_like(t, IGNORE_INDEX)
