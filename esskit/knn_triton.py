@@ -39,7 +39,7 @@ FUSED_MAX_K = 64
 if triton is not None:
     @triton.jit
     def _knn_kernel(q_ptr, k_ptr, out_d_ptr, out_i_ptr, n, C: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, KK: tl.constexpr,
-                    K_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+                    K_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, PREFETCH: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < n
         dims = tl.arange(0, DP)
@@ -49,11 +49,19 @@ if triton is not None:
         # Slots past k hold -inf: never the worst, so never replaced (K_PAD is a power of two).
         best_d = tl.where(slots[None, :] < KK, float("inf"), -float("inf")) + tl.zeros([BLOCK_N, K_PAD], tl.float32)
         best_i = tl.zeros([BLOCK_N, K_PAD], dtype=tl.int32)
+        if PREFETCH:
+            kt = tl.load(k_ptr + tile_cols[None, :] * D + dims[:, None],
+                         mask=(tile_cols[None, :] < C) & (dims[:, None] < D), other=0.0)
         for c0 in range(0, C, BLOCK_C):  # C is a constexpr (one build per C): Triton 3.6's interpreter needs it
             cols = c0 + tile_cols
             col_ok = cols < C
-            kt = tl.load(k_ptr + cols[None, :] * D + dims[:, None], mask=col_ok[None, :] & (dims[:, None] < D),
-                         other=0.0)
+            if PREFETCH:  # the next tile's keys are in flight while this one is merged
+                nxt = cols + BLOCK_C
+                kt_next = tl.load(k_ptr + nxt[None, :] * D + dims[:, None],
+                                  mask=(nxt[None, :] < C) & (dims[:, None] < D), other=0.0)
+            else:
+                kt = tl.load(k_ptr + cols[None, :] * D + dims[:, None], mask=col_ok[None, :] & (dims[:, None] < D),
+                             other=0.0)
             # |k|^2 - 2 q.k ranks like |q - k|^2 (|q|^2 is added at the end); fp32 products, no TF32
             dist = tl.sum(kt * kt, 0)[None, :] - 2 * tl.dot(q, kt, input_precision="ieee")
             dist = tl.where(col_ok[None, :], dist, float("inf"))
@@ -69,6 +77,8 @@ if triton is not None:
                 low = tl.min(dist, 1)
                 worst = tl.max(best_d, 1)
                 pending = tl.sum((low < worst).to(tl.int32), 0)
+            if PREFETCH:
+                kt = kt_next
         # Ascending order in registers: non-negative fp32 bits order like their values, so one int64 key
         # (distance bits, index) per slot sorts both (slots past k: +inf, last).
         dist = tl.where(slots[None, :] < KK, tl.maximum(best_d + tl.sum(q * q, 1)[:, None], 0.0), float("inf"))
@@ -108,10 +118,11 @@ def launch_ranges(n: int, per_row: int, block: int) -> list[tuple[int, int]]:
 
 @torch.no_grad()
 def knn_triton(queries: torch.Tensor, keys: torch.Tensor, k: int, block_n: int = BLOCK_N, block_c: int = BLOCK_C,
-               num_warps: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+               num_warps: int = 4, prefetch: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as `knn.knn_exact`: squared-L2 k nearest `keys` [C, d] of each query [N, d]
-    -> (dist [N, k], idx [N, k]), ascending, fp32 whatever the inputs' dtype. The tile shape and
-    warps are arguments for profiling/step_breakdown.py's sweep; the defaults are its choice."""
+    -> (dist [N, k], idx [N, k]), ascending, fp32 whatever the inputs' dtype. The tile shape, warps
+    and `prefetch` (load tile t+1's keys before merging tile t; not yet timed) are arguments for
+    profiling/step_breakdown.py's sweep; the defaults are what the H100 timed."""
     from esskit.knn import _check_k, knn_exact  # knn imports this module for its backend table
 
     if is_fake(queries):
@@ -126,5 +137,5 @@ def knn_triton(queries: torch.Tensor, keys: torch.Tensor, k: int, block_n: int =
         _knn_kernel[(triton.cdiv(stop - start, block_n),)](
             q[start:stop], key, dist[start:stop], idx[start:stop], stop - start, C=key.shape[0], D=d,
             DP=max(16, triton.next_power_of_2(d)), KK=k, K_PAD=triton.next_power_of_2(k), BLOCK_N=block_n,
-            BLOCK_C=block_c, num_warps=num_warps)
+            BLOCK_C=block_c, PREFETCH=prefetch, num_warps=num_warps)
     return dist, idx

@@ -8,9 +8,17 @@ program takes BLOCK_N pixels, reads each candidate's class embedding straight fr
 table (it stays in cache), and keeps logits and gradients in registers:
     forward   z_ij = (2 xh_i.mu_c(ij) - |mu_c(ij)|^2)/tau, an online logsumexp, loss_i = w_i (lse_i - z_i0)
     backward  g_ij = G w_i (exp(z_ij - lse_i) - [j = 0]); dL/dxh_i = (2/tau) sum_j g_ij mu_c(ij),
-              chained through the normalisation; dL/dmu_c and dL/d|mu_c|^2 by atomic adds into [C, d+1]
+              chained through the normalisation; dL/dmu_c and dL/d|mu_c|^2 summed over pixels
 (the same algebra as `lean_loss`; the kNN's exclusion of the target and the candidate order are the
 caller's). Fake tensors (the profiler's estimate) take `CandidateCrossEntropy`'s gathered form.
+
+Two ways to sum dL/dmu over pixels. Above LOCAL_MAX_CLASSES classes, atomic adds into [C, d+1].
+Up to it, each program sums its pixels per class in registers, as the one-hot matmul
+g_by_class^T xh (g_by_class [rows, C]: the g_ij scattered to their classes), and writes one partial
+that torch sums: no atomics, and deterministic. Why: on the H100, ESS minus its kNN took 61.7 / 57.8
+/ 53.1 ms at C = 19 / 150 / 1284 against the whole baseline step's 45.3 / 55.2 ms at C = 19 / 150,
+an extra that shrinks as C grows, as contention would: at C = 19, 2 M pixels x 9 candidates x 13
+atomic adds meet on 247 addresses (profiling/README.md; a guess until timed).
 """
 
 from __future__ import annotations
@@ -28,6 +36,15 @@ BLOCK_N = 64  # pixels per program
 # atomics meet at one address when many pixels share few classes. 1 is what the H100 timed;
 # profiling/bench_loss.py's ess_fused_r16 tries 16.
 ACC_REPLICAS = 1
+# Up to LOCAL_MAX_CLASSES classes and d = LOCAL_MAX_DIM (the paper's d is 7-12) the backward sums
+# per class in registers: g_by_class [LOCAL_BLOCK_N, C_pad], partials [C_pad, 16]. ptxas (sm_90a,
+# 4 warps) gives 128-255 registers and 0-28 bytes of spills for C = 16 ... 256 at 16 rows, where 32
+# rows or d = 32 spill kilobytes. LOCAL_PROGRAMS partials are summed by torch. Not yet timed on a
+# GPU: profiling/bench_loss.py's ess_fused_atomic sets LOCAL_MAX_CLASSES = 0 to compare.
+LOCAL_MAX_CLASSES = 256
+LOCAL_MAX_DIM = 15
+LOCAL_BLOCK_N = 16
+LOCAL_PROGRAMS = 1024
 
 if triton is not None:
     import triton.language as tl
@@ -108,10 +125,58 @@ if triton is not None:
             _store_grad_x(gx_ptr, gxh * (2 * inv_tau), xh, norm, rows, row_ok, dims, dim_ok, D, NORMALIZE, EPS)
 
 
+    @triton.jit
+    def _eq6_backward_local(x_ptr, mu_ptr, cand_ptr, t_ptr, lse_ptr, grad_ptr, gx_ptr, part_ptr, n, inv_tau,
+                            D: tl.constexpr, DP: tl.constexpr, CP: tl.constexpr, K1: tl.constexpr,
+                            NORMALIZE: tl.constexpr, IGNORE: tl.constexpr, EPS: tl.constexpr, NEED_GX: tl.constexpr,
+                            BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr):
+        """`_eq6_backward` for C <= CP: program p takes BLOCKS blocks of BLOCK_N pixels and writes
+        its sums [CP, DP] of (2/tau) g xh (columns < D) and -g/tau (column D) per class to part_ptr.
+        BLOCKS is a constexpr, a power of two (few builds): Triton 3.6's interpreter needs it."""
+        dims, classes = tl.arange(0, DP), tl.arange(0, CP)
+        dim_ok = dims < D
+        acc = tl.zeros([CP, DP], tl.float32)
+        acc_norm = tl.zeros([CP], tl.float32)
+        for b in range(BLOCKS):
+            rows = (tl.program_id(0) * BLOCKS + b) * BLOCK_N + tl.arange(0, BLOCK_N)
+            row_ok = rows < n
+            x, xh, norm = _unit_rows(x_ptr, rows, row_ok, dims, dim_ok, D, NORMALIZE, EPS)
+            lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+            # past n and at ignore pixels w = 0: g = 0, so they add nothing
+            w = (tl.load(t_ptr + rows, mask=row_ok, other=IGNORE) != IGNORE).to(tl.float32) * tl.load(grad_ptr)
+            gxh = tl.zeros([BLOCK_N, DP], tl.float32)
+            g_by_class = tl.zeros([BLOCK_N, CP], tl.float32)
+            for j in tl.static_range(K1):
+                z, c, mu = _candidate_logit(xh, mu_ptr, cand_ptr, rows, row_ok, dims, dim_ok, inv_tau, j, D, K1)
+                g = tl.exp(z - lse) * w
+                if j == 0:
+                    g -= w
+                gxh += g[:, None] * mu
+                g_by_class += tl.where(c[:, None] == classes[None, :], g[:, None], 0.0)  # repeats add up
+            acc += tl.dot(tl.trans(g_by_class), xh, input_precision="ieee")  # fp32 FMAs: exact as the atomics
+            acc_norm += tl.sum(g_by_class, 0)
+            if NEED_GX:
+                _store_grad_x(gx_ptr, gxh * (2 * inv_tau), xh, norm, rows, row_ok, dims, dim_ok, D, NORMALIZE, EPS)
+        acc = tl.where(dims[None, :] == D, -acc_norm[:, None], 2 * acc) * inv_tau  # column D: padding until now
+        tl.store(part_ptr + tl.program_id(0) * CP * DP + classes[:, None] * DP + dims[None, :], acc)
+
+
 def _constants(x: torch.Tensor, cand: torch.Tensor, normalize: bool) -> dict:
     d = x.shape[1]
     return dict(D=d, DP=triton.next_power_of_2(d), K1=cand.shape[1], NORMALIZE=normalize,
                 IGNORE=IGNORE_INDEX, EPS=NORMALIZE_EPS, BLOCK_N=BLOCK_N)
+
+
+def _local_partials_sum(args: tuple, n: int, classes: int, inv_tau: float, need_gx: bool, consts: dict) -> torch.Tensor:
+    """`_eq6_backward_local` over n pixels: the [C, d+1] sum of its programs' partials."""
+    d = consts["D"]
+    cp, dp = max(16, triton.next_power_of_2(classes)), max(16, triton.next_power_of_2(d + 1))
+    blocks = triton.next_power_of_2(triton.cdiv(triton.cdiv(n, LOCAL_BLOCK_N), LOCAL_PROGRAMS))
+    programs = triton.cdiv(n, LOCAL_BLOCK_N * blocks)
+    part = args[1].new_empty(programs, cp, dp)
+    consts = {**consts, "DP": dp, "BLOCK_N": LOCAL_BLOCK_N}
+    _eq6_backward_local[(programs,)](*args, part, n, inv_tau, CP=cp, NEED_GX=need_gx, BLOCKS=blocks, **consts)
+    return part.sum(0)[:classes, :d + 1]
 
 
 class FusedCandidateCrossEntropy(torch.autograd.Function):
@@ -130,6 +195,7 @@ class FusedCandidateCrossEntropy(torch.autograd.Function):
                 stop - start, 1 / tau, **consts)
         ctx.save_for_backward(x, mu, cand, target, lse)
         ctx.tau, ctx.normalize, ctx.replicas = tau, normalize, ACC_REPLICAS
+        ctx.local = mu.shape[0] <= LOCAL_MAX_CLASSES and mu.shape[1] <= LOCAL_MAX_DIM
         return loss.sum()
 
     @staticmethod
@@ -137,14 +203,17 @@ class FusedCandidateCrossEntropy(torch.autograd.Function):
         x, mu, cand, target, lse = ctx.saved_tensors
         d, need_gx = mu.shape[1], ctx.needs_input_grad[0]
         gx = torch.empty_like(x) if need_gx else x  # (not written without NEED_GX)
-        acc = mu.new_zeros(ctx.replicas, mu.shape[0], d + 1)
         grad = grad.detach().float().reshape(1).contiguous()
         consts = _constants(x, cand, ctx.normalize)
+        acc = mu.new_zeros(mu.shape[0], d + 1) if ctx.local else mu.new_zeros(ctx.replicas, mu.shape[0], d + 1)
         for start, stop in launch_ranges(x.shape[0], max(d, cand.shape[1]), BLOCK_N):
-            _eq6_backward[(triton.cdiv(stop - start, BLOCK_N),)](
-                x[start:stop], mu, cand[start:stop], target[start:stop], lse[start:stop], grad, gx[start:stop],
-                acc, acc[0].numel(), ctx.replicas, stop - start, 1 / ctx.tau, NEED_GX=need_gx, **consts)
-        acc = acc.sum(0)
+            args = (x[start:stop], mu, cand[start:stop], target[start:stop], lse[start:stop], grad, gx[start:stop])
+            if ctx.local:
+                acc += _local_partials_sum(args, stop - start, mu.shape[0], 1 / ctx.tau, need_gx, consts)
+            else:
+                _eq6_backward[(triton.cdiv(stop - start, BLOCK_N),)](
+                    *args, acc, acc[0].numel(), ctx.replicas, stop - start, 1 / ctx.tau, NEED_GX=need_gx, **consts)
+        acc = acc if ctx.local else acc.sum(0)
         gmu = acc[:, :d] + 2 * acc[:, d:] * mu  # the -|mu|^2/tau term
         return (gx if need_gx else None), gmu, None, None, None, None
 

@@ -75,14 +75,17 @@ def _ess(dense):
     return loss
 
 
-def _replicated(copies):
+def _fused_with(**constants):
+    """ESS with both fused kernels and esskit.loss_triton's constants set (the backward's sum of
+    dL/dmu: LOCAL_MAX_CLASSES, ACC_REPLICAS)."""
     def loss(emb, class_emb, target, cfg, knn):
         import esskit.loss_triton as fused
-        before, fused.ACC_REPLICAS = fused.ACC_REPLICAS, copies
-        try:  # the forward keeps the setting for its backward
+        before = {name: getattr(fused, name) for name in constants}
+        vars(fused).update(constants)
+        try:  # the forward keeps the settings for its backward
             return ess_paper_loss(emb, class_emb, target, cfg, knn)
         finally:
-            fused.ACC_REPLICAS = before
+            vars(fused).update(before)
     return loss
 
 
@@ -105,8 +108,10 @@ VARIANTS = {
     "ess_full": (_full(True), {"name": "ess_full"}, "ess_full, torch linear_cross_entropy"),
     "ess_full_esskit": (_full(False), {"name": "ess_full"}, "ess_full, esskit chunked"),
     "ess_full_fused": (_full(None), {"name": "ess_full", "loss_kernel": "triton"}, "ess_full, fused Triton kernels"),
-    "ess_fused_r16": (_replicated(16), {"knn": "triton", "loss_kernel": "triton"},
-                      "ESS, fused kernels, 16 accumulator copies"),
+    "ess_fused_atomic": (_fused_with(LOCAL_MAX_CLASSES=0), {"knn": "triton", "loss_kernel": "triton"},
+                         "ESS, fused kernels, dL/dmu by atomics at every C"),
+    "ess_fused_r16": (_fused_with(LOCAL_MAX_CLASSES=0, ACC_REPLICAS=16), {"knn": "triton", "loss_kernel": "triton"},
+                      "ESS, fused kernels, atomics into 16 accumulator copies"),
 }
 
 

@@ -15,9 +15,10 @@
 #   b4          (not in the default list) batch 4, C = 150 and 1284: the largest equal batch at which
 #               the baseline runs at C = 1284; baseline / ESS / ess_full, then ESS with the fused kNN.
 #   fused       (not in the default list) ESS and ess_full with the fused kernels (method.knn and
-#               method.loss_kernel = "triton") at batch 8 and 4 beside the baseline and ess_full's torch
-#               form, and ESS with the shared (approximate) searches, after the kernels' GPU tests.
-#   steps       (not in the default list) profiler tables of ESS with the fused kNN and the baseline.
+#               method.loss_kernel = "triton") at batch 8 and 4 beside the baseline, ESS with the
+#               search at the decoder's stride (knn_at = "feature") and over 4x4 blocks, the kNN kernel's
+#               tile shapes, ess_full's torch form, C = 10,000; after the kernels' GPU tests.
+#   steps       (not in the default list) profiler tables of ESS with both fused kernels and the baseline.
 # Usage: [PARTS=...] [PART_TIMEOUT_S=240] [DEADLINE_S=...] profiling/run_cuda.sh [RESULTS_DIR]
 # (default profiling/results). Each part is time-boxed, and with DEADLINE_S no part runs past that
 # many seconds from the start, so a short GPU lease still brings back the parts that finished.
@@ -35,6 +36,7 @@ deadline=$((SECONDS + ${DEADLINE_S:-86400}))
 run() {
   local box=$((deadline - SECONDS < limit ? deadline - SECONDS : limit))
   [ "$box" -ge 10 ] || { echo "SKIPPED (deadline): $*"; status=1; return; }
+  echo "-- $(date -u +%T) $*"  # each run's start: how long the cells take, for the next lease's plan
   timeout "$box" "$@" || { echo "FAILED or timed out ($?): $*"; status=1; }
 }
 
@@ -69,11 +71,11 @@ for part in $parts; do
           --out "$results/resnet50-512-fp32-b8-cuda" ;;
     bench) run python profiling/bench_loss.py --device cuda --batch 8 --size 512 --loss-chunk-mib 64 \
              --knn-chunk-mib 64 --classes 19,150,1284,10000 --reps 5 --budget-s 5 --max-mib 60000 \
-             --variants baseline,ess,ess_dense,ess_triton,ess_fused,ess_fused_r16,ess_feature,ess_block4,ess_full_esskit,ess_full_fused \
+             --variants baseline,ess,ess_dense,ess_triton,ess_fused,ess_fused_atomic,ess_fused_r16,ess_feature,ess_block4,ess_full_esskit,ess_full_fused \
              --out "$results/bench_loss-cuda"
            run python profiling/bench_loss.py --device cuda --batch 8 --size 512 --loss-chunk-mib 64 \
              --knn-chunk-mib 64 --classes 19,150,1284 --reps 5 --budget-s 5 --max-mib 60000 --labels blocks \
-             --variants ess,ess_fused,ess_fused_r16 --out "$results/bench_loss-blocks-cuda" ;;
+             --variants ess,ess_fused,ess_fused_atomic,ess_fused_r16 --out "$results/bench_loss-blocks-cuda" ;;
     amp) amp ;;
     d32) run esskit profile --device cuda --backbone resnet50 --crop 512 --budget-gib 70 --batch 8 \
            --classes 1284 --methods ess,ess_full --set model.embed_dim=32 \
@@ -91,21 +93,26 @@ for part in $parts; do
         done ;;
     fused) fused="--set method.knn=triton --set method.loss_kernel=triton"
            b8="esskit profile --device cuda --backbone resnet50 --crop 512 --budget-gib 70 --batch 8"
+           b4="esskit profile --device cuda --backbone resnet50 --crop 512 --budget-gib 70 --batch 4"
+           r="$results/resnet50-512-fp32"
+           # First what decides issue 8's targets: ESS against the baseline at C = 150 (batch 8) and
+           # 1284 (batch 4), exact and with the search at the decoder's stride (1/16 of the queries)
            run python -m pytest -q tests/test_knn_triton.py tests/test_loss_triton.py -k cuda
+           run $b8 --classes 19,150 --methods baseline --out "$r-b8-fused-baseline-cuda"
+           run $b8 --classes 19,150,1284 --methods ess,ess_full $fused --out "$r-b8-fused-cuda"
+           run $b8 --classes 19,150,1284 --methods ess $fused --set method.knn_at=feature \
+             --out "$r-b8-fused-knn_at-feature-cuda"
+           run $b4 --classes 1284 --methods baseline,ess,ess_full $fused --out "$r-b4-fused-cuda"
+           run $b4 --classes 1284 --methods ess $fused --set method.knn_at=feature --out "$r-b4-fused-knn_at-feature-cuda"
            run python profiling/step_breakdown.py --cells "" --selection-classes "" --knn-classes 150,1284 \
-             --knn-tiles 32x32x4,64x32x4,32x64x4,64x64x4,64x64x8,128x32x8,16x64x2 --out "$results/knn_compare-tiles-cuda"
-           run $b8 --classes 19,150 --methods baseline --out "$results/resnet50-512-fp32-b8-fused-baseline-cuda"
-           run $b8 --classes 19,150,1284,10000 --methods ess,ess_full $fused --out "$results/resnet50-512-fp32-b8-fused-cuda"
-           run $b8 --classes 1284 --methods ess_full --set method.loss_kernel=torch \
-             --out "$results/resnet50-512-fp32-b8-full-torch-cuda"
-           for share in "knn_block=4" "knn_at=feature"; do  # the approximate searches: 1/16 of the queries
-             run $b8 --classes 1284 --methods ess $fused --set "method.$share" \
-               --out "$results/resnet50-512-fp32-b8-fused-${share/=/-}-cuda"
-           done
-           run esskit profile --device cuda --backbone resnet50 --crop 512 --budget-gib 70 --batch 4 \
-             --classes 1284 --methods baseline,ess,ess_full $fused --out "$results/resnet50-512-fp32-b4-fused-cuda" ;;
-    steps) run python profiling/step_breakdown.py --cells ess:150:triton,baseline:150,ess:1284:triton \
-             --selection-classes "" --knn-classes "" --out "$results/step_breakdown-triton-cuda" ;;
+             --knn-tiles 32x32x4,32x32x4p,64x32x4,64x32x4p,32x64x4,32x64x4p,64x64x8,128x32x8,128x32x8p,32x128x4,64x128x8 \
+             --out "$results/knn_compare-tiles-cuda"
+           run $b8 --classes 1284 --methods ess $fused --set method.knn_block=4 --out "$r-b8-fused-knn_block-4-cuda"
+           run $b8 --classes 1284 --methods ess_full --set method.loss_kernel=torch --out "$r-b8-full-torch-cuda"
+           run $b8 --classes 10000 --methods ess,ess_full $fused --out "$r-b8-fused-10000-cuda" ;;
+    steps) run python profiling/step_breakdown.py --selection-classes "" --knn-classes "" \
+             --cells ess:19:triton:triton,ess:150:triton:triton,baseline:150,ess:1284:triton:triton \
+             --out "$results/step_breakdown-fused-cuda" ;;
     *) echo "unknown part $part (smoke fp32 fp16 b8 b4 bench amp d32 knn fused steps)"; status=1 ;;
   esac
 done

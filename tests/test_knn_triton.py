@@ -38,6 +38,10 @@ def test_fused_knn_is_exact_against_brute_force():
             dist, idx = knn_triton(q, key, k)
             assert dist.dtype == torch.float32 and (dist[:, 1:] >= dist[:, :-1]).all()
             _assert_matches_reference(dist, idx, q.double(), key.double(), k)
+            # the prefetching loop, one tile or several (the last one short)
+            for block_c in (16, 64):
+                dist, idx = knn_triton(q, key, k, block_c=block_c, prefetch=True)
+                _assert_matches_reference(dist, idx, q.double(), key.double(), k)
         knn_triton.__globals__["LAUNCH_ELEMENTS"] = 32 * 12  # 32 rows per launch: 7 launches below
         q, key = torch.randn(200, 12), torch.randn(50, 12)
         _assert_matches_reference(*knn_triton(q, key, 5), q.double(), key.double(), 5)
@@ -70,13 +74,15 @@ def test_fused_knn_refuses_cpu_tensors_without_the_interpreter():
 
 
 def test_fused_knn_compiles_for_hopper():
-    """Triton's own compiler and ptxas build the kernel for sm_90 here, without a GPU."""
+    """Triton's own compiler and ptxas build the kernel (with and without prefetch) for sm_90 here, without a GPU."""
     from esskit.knn_triton import BLOCK_C, BLOCK_N, _knn_kernel
 
     signature = {"q_ptr": "*fp32", "k_ptr": "*fp32", "out_d_ptr": "*fp32", "out_i_ptr": "*i64", "n": "i32",
-                 **dict.fromkeys(["C", "D", "DP", "KK", "K_PAD", "BLOCK_N", "BLOCK_C"], "constexpr")}
-    constants = {"C": 1284, "D": 12, "DP": 16, "KK": 9, "K_PAD": 16, "BLOCK_N": BLOCK_N, "BLOCK_C": BLOCK_C}
-    assert compile_for_hopper(_knn_kernel, signature, constants).asm["cubin"]
+                 **dict.fromkeys(["C", "D", "DP", "KK", "K_PAD", "BLOCK_N", "BLOCK_C", "PREFETCH"], "constexpr")}
+    for prefetch in (False, True):
+        constants = {"C": 1284, "D": 12, "DP": 16, "KK": 9, "K_PAD": 16, "BLOCK_N": BLOCK_N, "BLOCK_C": BLOCK_C,
+                     "PREFETCH": prefetch}
+        assert compile_for_hopper(_knn_kernel, signature, constants).asm["cubin"]
 
 
 def compile_for_hopper(fn, signature: dict, constexprs: dict):

@@ -22,27 +22,38 @@ def test_fused_eq6_equals_reference_and_torch_forms():
         from esskit.losses import ess_loss
         from test_lean_loss import _assert_same, _grads, _inputs, _reference_ess
         # n not a multiple of the 64-pixel block; d = 6 (padded to 8), 12 (to 16); ignore pixels.
+        # Both sums of dL/dmu: per class in registers (C <= LOCAL_MAX_CLASSES) and by atomics.
+        import esskit.loss_triton as lt
         for n, c, d, k, normalize, seed in [(150, 12, 6, 4, True, 0), (70, 40, 12, 8, False, 1), (2, 3, 5, 2, True, 2)]:
             x, mu, t = _inputs(n=n, c=c, d=d, seed=seed)
             tau = 0.1 if normalize else 2.0
-            fused = _grads(lambda a, m: ess_loss(a, m, t, k, tau, normalize=normalize, kernel="triton"), x, mu)
-            _assert_same(fused, _grads(lambda a, m: _reference_ess(a, m, t, k, tau, normalize), x, mu))
+            reference = _grads(lambda a, m: _reference_ess(a, m, t, k, tau, normalize), x, mu)
+            for lt.LOCAL_MAX_CLASSES in (256, 0):
+                fused = _grads(lambda a, m: ess_loss(a, m, t, k, tau, normalize=normalize, kernel="triton"), x, mu)
+                _assert_same(fused, reference)
             for dense in (False, True):
                 torch_form = _grads(lambda a, m: ess_loss(a, m, t, k, tau, normalize=normalize, dense=dense,
                                                           kernel="torch"), x, mu)
                 _assert_same(fused, torch_form)
+        # The per-class sums at C = 256 (C_pad full) and 257 (atomics); programs of several 16-pixel
+        # blocks, the last program short (LOCAL_PROGRAMS = 3 over 300 pixels: 8 blocks each, 3 programs)
+        lt.LOCAL_MAX_CLASSES, lt.LOCAL_PROGRAMS = 256, 3
+        for c in (256, 257):
+            x, mu, t = _inputs(n=300, c=c, d=12, seed=c)
+            _assert_same(_grads(lambda a, m: ess_loss(a, m, t, 8, kernel="triton"), x, mu),
+                         _grads(lambda a, m: _reference_ess(a, m, t, 8, 0.05, True), x, mu))
+        lt.LOCAL_PROGRAMS = 1024
         # repeated random negatives: both gradients add up (atomics), as in the chunked forms
         x, mu, t = _inputs(n=300, c=5, d=4, seed=7)
         runs = [_grads(lambda a, m: ess_loss(a, m, t, 6, 0.1, negatives="random", kernel=kernel), x, mu)
                 for kernel in ("torch", "triton") for _ in [torch.manual_seed(0)]]
         _assert_same(runs[1], runs[0])
-        # accumulator copies (300 pixels: 5 programs over 3 copies) add up to the same gradients
-        import esskit.loss_triton
-        esskit.loss_triton.ACC_REPLICAS = 3  # read by the forward, kept for its backward
+        # the atomics' accumulator copies (300 pixels: 5 programs over 3 copies): the same gradients
+        lt.ACC_REPLICAS, lt.LOCAL_MAX_CLASSES = 3, 0  # read by the forward, kept for its backward
         torch.manual_seed(0)
         _assert_same(_grads(lambda a, m: ess_loss(a, m, t, 6, 0.1, negatives="random", kernel="triton"), x, mu),
                      runs[0])
-        esskit.loss_triton.ACC_REPLICAS = 1
+        lt.ACC_REPLICAS, lt.LOCAL_MAX_CLASSES = 1, 256
         # every pixel ignored: loss 0 and zero gradients; fp16 embeddings (autocast) keep their dtype
         none = torch.full_like(t, IGNORE_INDEX)
         loss, gx, gmu = _grads(lambda a, m: ess_loss(a, m, none, 3, kernel="triton"), x, mu)
@@ -127,15 +138,18 @@ def test_cli_trains_with_the_fused_kernels(tmp_path, method):
 
 
 def test_fused_kernels_compile_for_hopper():
-    """Triton's own compiler and ptxas build the five kernels for sm_90 here, without a GPU."""
-    from esskit.loss_triton import BLOCK_N, _eq6_backward, _eq6_forward
+    """Triton's own compiler and ptxas build the six kernels for sm_90 here, without a GPU."""
+    from esskit.loss_triton import BLOCK_N, _eq6_backward, _eq6_backward_local, _eq6_forward
 
     consts = {"D": 12, "DP": 16, "K1": 9, "NORMALIZE": True, "IGNORE": -1, "EPS": 1e-12, "BLOCK_N": BLOCK_N}
     ptrs = {"x_ptr": "*fp32", "mu_ptr": "*fp32", "cand_ptr": "*i32", "t_ptr": "*i64"}
     kernels = [(_eq6_forward, {**ptrs, "loss_ptr": "*fp32", "lse_ptr": "*fp32", "n": "i32", "inv_tau": "fp32"}, {}),
                (_eq6_backward, {**ptrs, "lse_ptr": "*fp32", "grad_ptr": "*fp32", "gx_ptr": "*fp16",
                                 "acc_ptr": "*fp32", "acc_size": "i32", "replicas": "i32", "n": "i32",
-                                "inv_tau": "fp32"}, {"NEED_GX": True})]
+                                "inv_tau": "fp32"}, {"NEED_GX": True}),
+               (_eq6_backward_local, {**ptrs, "lse_ptr": "*fp32", "grad_ptr": "*fp32", "gx_ptr": "*fp32",
+                                      "part_ptr": "*fp32", "n": "i32", "inv_tau": "fp32"},
+                {"NEED_GX": True, "CP": 256, "BLOCK_N": 16, "BLOCKS": 128})]
     from esskit.full_loss_triton import BLOCK_C, _full_backward_mu, _full_backward_x, _full_forward
 
     full = {"C": 1284, "D": 12, "DP": 16, "NORMALIZE": True, "IGNORE": -1, "EPS": 1e-12, "BLOCK_N": BLOCK_N,
