@@ -105,7 +105,7 @@ for part in $parts; do
            run $b4 --classes 1284 --methods baseline,ess,ess_full $fused --out "$r-b4-fused-cuda"
            run $b4 --classes 1284 --methods ess $fused --set method.knn_at=feature --out "$r-b4-fused-knn_at-feature-cuda"
            run python profiling/step_breakdown.py --cells "" --selection-classes "" --knn-classes 150,1284 \
-             --knn-tiles 32x32x4,32x32x4p,64x32x4,64x32x4p,32x64x4,32x64x4p,64x64x8,128x32x8,128x32x8p,32x128x4,64x128x8 \
+             --knn-tiles 32x32x4,32x32x4p,64x32x4,64x32x4p,32x64x4,32x64x4p,64x64x8,128x32x8,32x128x4,16x32x1,16x16x1,32x32x2 \
              --out "$results/knn_compare-tiles-cuda"
            run $b8 --classes 1284 --methods ess $fused --set method.knn_block=4 --out "$r-b8-fused-knn_block-4-cuda"
            run $b8 --classes 1284 --methods ess_full --set method.loss_kernel=torch --out "$r-b8-full-torch-cuda"

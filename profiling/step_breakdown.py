@@ -84,10 +84,19 @@ def selection_rows(classes: list[int], k: int, block_mib: int = 64) -> list[dict
     return out
 
 
+def knn_variant(spec: str) -> dict:
+    """"32x64x4p" -> knn_triton's block_n=32, block_c=64, num_warps=4, prefetch=True (the p)."""
+    try:
+        block_n, block_c, warps = (int(v) for v in spec.removesuffix("p").split("x"))
+    except ValueError:
+        raise SystemExit(f"--knn-tiles: {spec!r} is not block_n x block_c x warps[p], e.g. 32x64x4p") from None
+    return {"block_n": block_n, "block_c": block_c, "num_warps": warps, "prefetch": spec.endswith("p")}
+
+
 def knn_rows(classes: list[int], k: int, n: int = 8 * 512 * 512, d: int = 12,
-             tiles: list[tuple[int, int, int, bool]] = ()) -> list[dict]:
-    """knn_exact against knn_triton per C; with `tiles`, knn_triton's time for each
-    (block_n, block_c, num_warps, prefetch) too (checked against knn_exact's distances)."""
+             tiles: list[str] = ()) -> list[dict]:
+    """knn_exact against knn_triton per C; with `tiles`, knn_triton's time for each of these
+    variants too (checked against knn_exact's distances)."""
     from esskit.knn import knn_exact
     from esskit.knn_triton import knn_triton
 
@@ -101,11 +110,10 @@ def knn_rows(classes: list[int], k: int, n: int = 8 * 512 * 512, d: int = 12,
                "index_mismatch_frac": float((exact[1] != fused[1]).any(1).float().mean()),
                "exact_ms": round(gpu_seconds(lambda: knn_exact(queries, keys, k), reps=3) * 1e3, 2),
                "triton_ms": round(gpu_seconds(lambda: knn_triton(queries, keys, k), reps=3) * 1e3, 2)}
-        for bn, bc, warps, prefetch in tiles:
-            run = lambda: knn_triton(queries, keys, k, block_n=bn, block_c=bc, num_warps=warps,  # noqa: E731
-                                     prefetch=prefetch)
+        for tile in tiles:
+            run = lambda: knn_triton(queries, keys, k, **knn_variant(tile))  # noqa: E731
             assert float((run()[0] - exact[0]).abs().max()) < 1e-5
-            row[f"triton_{bn}x{bc}x{warps}{'p' if prefetch else ''}_ms"] = round(gpu_seconds(run, reps=3) * 1e3, 2)
+            row[f"triton_{tile}_ms"] = round(gpu_seconds(run, reps=3) * 1e3, 2)
         out.append(row)
         print(json.dumps(row), flush=True)
     return out
@@ -121,14 +129,14 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=7, help="k+1 of the default method.k = 6")
     parser.add_argument("--knn-classes", default="19,150,1284,10000,100000", help="'' skips the kNN comparison")
     parser.add_argument("--knn-tiles", default="", help="block_n x block_c x warps of knn_triton to time too, "
-                        "p appended for its prefetching loop, e.g. 32x32x4,32x32x4p,64x32x4")
+                        "p appended for its prefetching loop, e.g. 32x32x4,32x32x4p,16x32x1")
     parser.add_argument("--out", type=Path, default=Path("profiling/results/step_breakdown-cuda"))
     args = parser.parse_args()
+    tiles = [t for t in args.knn_tiles.split(",") if t and knn_variant(t)]  # a bad spec fails before any run
     if not torch.cuda.is_available():
         raise SystemExit("step_breakdown.py measures GPU kernels: no CUDA GPU is visible here")
     args.out.mkdir(parents=True, exist_ok=True)
     selection = selection_rows([int(c) for c in args.selection_classes.split(",") if c], args.k)
-    tiles = [(*(int(v) for v in t.removesuffix("p").split("x")), t.endswith("p")) for t in args.knn_tiles.split(",") if t]
     knn = knn_rows([int(c) for c in args.knn_classes.split(",") if c], args.k, tiles=tiles)
     (args.out / "selection.json").write_text(json.dumps({"device": torch.cuda.get_device_name(),
                                                          "rows": selection, "knn": knn}, indent=1))
