@@ -178,3 +178,31 @@ def test_compiled_fused_kernels_match_the_torch_forms_on_cuda():
         _assert_same(fused, _grads(lambda a, m: ess_loss(a, m, t, k, kernel="torch"), x, mu))
         full = _grads(lambda a, m: ess_full_loss(a, m, t, kernel="triton"), x, mu)
         _assert_same(full, _grads(lambda a, m: ess_full_loss(a, m, t, builtin=False), x, mu))
+
+
+def test_fused_kernels_with_the_shared_searches():
+    """knn_at = "feature" and knn_block = 4 (the GPU run's approximate cells) through the fused kNN
+    and Eq. 6 kernels give the torch path's loss and gradients."""
+    result = _interpreted("""
+        import dataclasses
+        import torch
+        from esskit.config import MethodConfig
+        from esskit.knn import knn_backend
+        from esskit.losses import ess_paper_loss
+        from test_lean_loss import _assert_same
+        g = torch.Generator().manual_seed(0)
+        emb, mu = torch.randn(2, 6, 8, 8, generator=g), torch.randn(40, 6, generator=g)
+        target = torch.randint(0, 40, (2, 32, 32), generator=g)
+        target[0, :3] = -1
+        for share in ({"knn_at": "feature"}, {"knn_block": 4}):
+            runs = []
+            for kernel in ("torch", "triton"):
+                cfg = dataclasses.replace(MethodConfig(), k=5, knn=kernel, loss_kernel=kernel, **share)
+                e, m = emb.clone().requires_grad_(True), mu.clone().requires_grad_(True)
+                loss = ess_paper_loss(e, m, target, cfg, knn_backend(cfg.knn, 2**20))
+                loss.backward()
+                runs.append((loss.detach(), e.grad, m.grad))
+            _assert_same(runs[1], runs[0])
+        print("ok")
+    """)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
