@@ -77,7 +77,7 @@ def _ess(dense):
 
 def _fused_with(**constants):
     """ESS with both fused kernels and esskit.loss_triton's constants set (the backward's sum of
-    dL/dmu: LOCAL_MAX_CLASSES, ACC_REPLICAS)."""
+    dL/dmu: LOCAL_MAX_CLASSES, ACC_REPLICAS; pixels per program: BLOCK_N)."""
     def loss(emb, class_emb, target, cfg, knn):
         import esskit.loss_triton as fused
         before = {name: getattr(fused, name) for name in constants}
@@ -112,6 +112,12 @@ VARIANTS = {
                          "ESS, fused kernels, dL/dmu by atomics at every C"),
     "ess_fused_r16": (_fused_with(LOCAL_MAX_CLASSES=0, ACC_REPLICAS=16), {"knn": "triton", "loss_kernel": "triton"},
                       "ESS, fused kernels, atomics into 16 accumulator copies"),
+    # fewer pixels per program of the forward and the atomic backward: 144 / 255 registers at 64
+    # (ptxas, sm_90a, d = 12, k = 8), 72 / 167 at 32, 44 / 80 at 16
+    "ess_fused_b32": (_fused_with(BLOCK_N=32), {"knn": "triton", "loss_kernel": "triton"},
+                      "ESS, fused kernels, 32-pixel blocks"),
+    "ess_fused_b16": (_fused_with(BLOCK_N=16), {"knn": "triton", "loss_kernel": "triton"},
+                      "ESS, fused kernels, 16-pixel blocks"),
 }
 
 
