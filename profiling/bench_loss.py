@@ -359,14 +359,19 @@ def main() -> None:
         settings = payload["settings"]
         plot(payload["rows"], args.replot / "bench_loss.png", _title(settings))
         return
+    classes = [int(c) for c in args.classes.split(",")]
+    names = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown:  # before any cell runs: a GPU lease is short
+        raise SystemExit(f"--variants: unknown {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA GPU is visible here; use --device cpu")
     if args.device.type == "cuda" and args.device.index is None:
         args.device = torch.device("cuda", torch.cuda.current_device())
     args.device_name = args.device_name or (torch.cuda.get_device_name(args.device) if args.device.type == "cuda"
                                             else f"CPU ({platform.processor() or platform.machine()})")
     torch.set_num_threads(args.threads)  # see the README: 2 threads on 2 shared cores ran up to 100x slower
     _faiss_threads(args.threads)
-    classes = [int(c) for c in args.classes.split(",")]
-    names = [v for v in args.variants.split(",") if v]
     start, rows = time.time(), []
     for c in classes:
         for name in names:

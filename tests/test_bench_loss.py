@@ -42,3 +42,10 @@ def test_bench_loss_runs_the_fused_variants_with_block_labels(tmp_path):
     with open(out / "results.csv") as f:
         rows = {r["variant"]: r for r in csv.DictReader(f)}
     assert set(rows) == set(variants) and all(float(r["time_s"]) > 0 for r in rows.values()), rows
+
+
+def test_bench_loss_refuses_an_unknown_variant_before_running(tmp_path):
+    result = subprocess.run([sys.executable, str(SCRIPT), "--variants", "ess,ess_fusd", "--out", str(tmp_path / "b")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "--variants: unknown ess_fusd; known: baseline" in result.stderr
+    assert not (tmp_path / "b").exists()
