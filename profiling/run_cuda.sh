@@ -19,6 +19,8 @@
 #               search at the decoder's stride (knn_at = "feature") and over 4x4 blocks, the kNN kernel's
 #               tile shapes, ess_full's torch form, C = 10,000; after the kernels' GPU tests.
 #   steps       (not in the default list) profiler tables of ESS with both fused kernels and the baseline.
+#   maxb        (not in the default list) max batch at 12 GiB of ESS and ess_full with the kernels the GPU
+#               recipes run (method.knn and loss_kernel "auto") at C = 19, 1284 and 100,000.
 # Usage: [PARTS=...] [PART_TIMEOUT_S=240] [DEADLINE_S=...] profiling/run_cuda.sh [RESULTS_DIR]
 # (default profiling/results). Each part is time-boxed, and with DEADLINE_S no part runs past that
 # many seconds from the start, so a short GPU lease still brings back the parts that finished.
@@ -110,10 +112,13 @@ for part in $parts; do
            run $b8 --classes 1284 --methods ess $fused --set method.knn_block=4 --out "$r-b8-fused-knn_block-4-cuda"
            run $b8 --classes 1284 --methods ess_full --set method.loss_kernel=torch --out "$r-b8-full-torch-cuda"
            run $b8 --classes 10000 --methods ess,ess_full $fused --out "$r-b8-fused-10000-cuda" ;;
+    maxb) run esskit profile --device cuda --backbone resnet50 --crop 512 --budget-gib 12 --max-batch 64 \
+            --classes 19,1284,100000 --methods ess,ess_full --set method.knn=auto --set method.loss_kernel=auto \
+            --out "$results/resnet50-512-fp32-12gib-auto-cuda" ;;
     steps) run python profiling/step_breakdown.py --selection-classes "" --knn-classes "" \
              --cells ess:19:triton:triton,ess:150:triton:triton,baseline:150,ess:1284:triton:triton \
              --out "$results/step_breakdown-fused-cuda" ;;
-    *) echo "unknown part $part (smoke fp32 fp16 b8 b4 bench amp d32 knn fused steps)"; status=1 ;;
+    *) echo "unknown part $part (smoke fp32 fp16 b8 b4 bench amp d32 knn fused steps maxb)"; status=1 ;;
   esac
 done
 exit $status
