@@ -106,8 +106,9 @@ for part in $parts; do
              --out "$r-b8-fused-knn_at-feature-cuda"
            run $b4 --classes 1284 --methods baseline,ess,ess_full $fused --out "$r-b4-fused-cuda"
            run $b4 --classes 1284 --methods ess $fused --set method.knn_at=feature --out "$r-b4-fused-knn_at-feature-cuda"
+           # kNN variants: knn_kernel_model.py predicts 16-key tiles with 1-4 warps at ~0.5x the default's instructions
            run python profiling/step_breakdown.py --cells "" --selection-classes "" --knn-classes 150,1284 \
-             --knn-tiles 32x32x4,32x32x4p,64x32x4,64x32x4p,32x64x4,32x64x4p,64x64x8,128x32x8,32x128x4,16x32x1,16x16x1,32x32x2 \
+             --knn-tiles 32x32x4,32x32x4p,32x16x1,32x16x1p,64x16x1,64x16x2,128x16x4,16x32x1,32x32x2,64x32x4,16x16x1,32x64x4,64x64x8 \
              --out "$results/knn_compare-tiles-cuda"
            run $b8 --classes 1284 --methods ess $fused --set method.knn_block=4 --out "$r-b8-fused-knn_block-4-cuda"
            run $b8 --classes 1284 --methods ess_full --set method.loss_kernel=torch --out "$r-b8-full-torch-cuda"

@@ -38,9 +38,9 @@ def test_fused_knn_is_exact_against_brute_force():
             dist, idx = knn_triton(q, key, k)
             assert dist.dtype == torch.float32 and (dist[:, 1:] >= dist[:, :-1]).all()
             _assert_matches_reference(dist, idx, q.double(), key.double(), k)
-            # the prefetching loop, one tile or several (the last one short)
-            for block_c in (16, 64):
-                dist, idx = knn_triton(q, key, k, block_c=block_c, prefetch=True)
+            # other tiles (the sweep's 64 x 16) and the prefetching loop, one tile or several (the last short)
+            for block_n, block_c, prefetch in ((64, 16, False), (32, 16, True), (32, 64, True)):
+                dist, idx = knn_triton(q, key, k, block_n=block_n, block_c=block_c, prefetch=prefetch)
                 _assert_matches_reference(dist, idx, q.double(), key.double(), k)
         knn_triton.__globals__["LAUNCH_ELEMENTS"] = 32 * 12  # 32 rows per launch: 7 launches below
         q, key = torch.randn(200, 12), torch.randn(50, 12)
