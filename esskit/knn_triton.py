@@ -7,6 +7,8 @@ as |q|^2 + |k|^2 - 2 q.k in fp32 (the FAISS IndexFlatL2 form, as `knn_exact`) an
 tile into a running per-query top-k held in registers: it moves the tile's smallest distance into
 the slot of the current worst of the k until no query's tile minimum beats its worst, so after
 the first tiles most tiles cost one min and one max. Nothing of size [N, C] is written.
+profiling/knn_kernel_model.py counts each variant's instructions per tile and per merge round from
+its sm_90a build, without a GPU.
 
 `method.knn = "triton"` (and "auto" on CUDA GPUs, as the GPU recipes set): CUDA tensors (or any tensors under TRITON_INTERPRET=1, which the tests
 use on CPUs). Fake tensors (the profiler's estimate) take `knn_exact`, whose blocks bound this
@@ -69,8 +71,10 @@ if triton is not None:
             worst = tl.max(best_d, 1)
             pending = tl.sum((low < worst).to(tl.int32), 0)
             while pending > 0:  # at most k rounds: each moves one tile entry into a query's top-k
-                at = tl.argmin(dist, 1)
-                slot = (slots[None, :] == tl.argmax(best_d, 1)[:, None]) & (low < worst)[:, None]
+                # where the known minimum (maximum) is, first of ties as argmin: one int reduction, not a pair
+                at = tl.min(tl.where(dist == low[:, None], tile_cols[None, :], BLOCK_C), 1)
+                worst_slot = tl.min(tl.where(best_d == worst[:, None], slots[None, :], K_PAD), 1)
+                slot = (slots[None, :] == worst_slot[:, None]) & (low < worst)[:, None]
                 best_d = tl.where(slot, low[:, None], best_d)
                 best_i = tl.where(slot, (c0 + at)[:, None], best_i)
                 dist = tl.where(tile_cols[None, :] == at[:, None], float("inf"), dist)
@@ -122,7 +126,8 @@ def knn_triton(queries: torch.Tensor, keys: torch.Tensor, k: int, block_n: int =
     """Same contract as `knn.knn_exact`: squared-L2 k nearest `keys` [C, d] of each query [N, d]
     -> (dist [N, k], idx [N, k]), ascending, fp32 whatever the inputs' dtype. The tile shape, warps
     and `prefetch` (load tile t+1's keys before merging tile t; not yet timed) are arguments for
-    profiling/step_breakdown.py's sweep; the defaults are what the H100 timed."""
+    profiling/step_breakdown.py's sweep; the defaults are what the H100 timed, before the merge
+    round's rewrite (profiling/README.md, "What would close the remaining gaps")."""
     from esskit.knn import _check_k, knn_exact  # knn imports this module for its backend table
 
     if is_fake(queries):
