@@ -9,8 +9,8 @@ Without a GPU, two things about `esskit.knn_triton._knn_kernel` can still be cou
    the keys that enter that row's top-k.
 Together: warp-instructions per query = (tiles x tile + rounds x round) x warps / queries. This is a
 prediction to check, not a timing: it ignores latency, occupancy and memory. Calibration: for the
-default 32 x 32 x 4 it predicts a C = 1284 / C = 150 ratio of 4.4; the H100 measured 24.1 / 4.8 ms,
-which is 5.0.
+32 x 32 x 4 kernel the H100 timed (before the merge round's rewrite) it predicted a C = 1284 /
+C = 150 ratio of 4.4; the H100 measured 24.1 / 4.8 ms, which is 5.0.
 
     python profiling/knn_kernel_model.py --out profiling/results/knn_kernel_model
 """
