@@ -10,9 +10,10 @@ the first tiles most tiles cost one min and one max. Nothing of size [N, C] is w
 profiling/knn_kernel_model.py counts each variant's instructions per tile and per merge round from
 its sm_90a build, without a GPU.
 
-`method.knn = "triton"` (and "auto" on CUDA GPUs, as the GPU recipes set): CUDA tensors (or any tensors under TRITON_INTERPRET=1, which the tests
-use on CPUs). Fake tensors (the profiler's estimate) take `knn_exact`, whose blocks bound this
-kernel's memory (it allocates only its [N, k] outputs).
+`method.knn = "triton"` (and "auto" on CUDA GPUs, as the GPU recipes set): CUDA tensors (or any
+tensors under TRITON_INTERPRET=1, which the tests use on CPUs). Fake tensors (the profiler's
+estimate) take `knn_exact`, whose blocks bound this kernel's memory (it allocates only its [N, k]
+outputs and |k|^2 [C]).
 """
 
 from __future__ import annotations
@@ -40,8 +41,9 @@ FUSED_MAX_K = 64
 
 if triton is not None:
     @triton.jit
-    def _knn_kernel(q_ptr, k_ptr, out_d_ptr, out_i_ptr, n, C: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, KK: tl.constexpr,
-                    K_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, PREFETCH: tl.constexpr):
+    def _knn_kernel(q_ptr, k_ptr, ksq_ptr, out_d_ptr, out_i_ptr, n, C: tl.constexpr, D: tl.constexpr,
+                    DP: tl.constexpr, KK: tl.constexpr, K_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_C: tl.constexpr, PREFETCH: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < n
         dims = tl.arange(0, DP)
@@ -65,7 +67,8 @@ if triton is not None:
                 kt = tl.load(k_ptr + cols[None, :] * D + dims[:, None], mask=col_ok[None, :] & (dims[:, None] < D),
                              other=0.0)
             # |k|^2 - 2 q.k ranks like |q - k|^2 (|q|^2 is added at the end); fp32 products, no TF32
-            dist = tl.sum(kt * kt, 0)[None, :] - 2 * tl.dot(q, kt, input_precision="ieee")
+            ksq = tl.load(ksq_ptr + cols, mask=col_ok, other=0.0)
+            dist = ksq[None, :] - 2 * tl.dot(q, kt, input_precision="ieee")
             dist = tl.where(col_ok[None, :], dist, float("inf"))
             low = tl.min(dist, 1)
             worst = tl.max(best_d, 1)
@@ -136,11 +139,12 @@ def knn_triton(queries: torch.Tensor, keys: torch.Tensor, k: int, block_n: int =
     _check_k(k, keys.shape[0])
     q, key = queries.detach().float().contiguous(), keys.detach().float().contiguous()
     n, d = q.shape
+    key_sq = key.pow(2).sum(1)  # |k|^2 once, not per tile and program (ptxas: 11 % fewer instructions a tile)
     dist = torch.empty(n, k, dtype=torch.float32, device=q.device)
     idx = torch.empty(n, k, dtype=torch.int64, device=q.device)
     for start, stop in launch_ranges(n, max(d, k), block_n):
         _knn_kernel[(triton.cdiv(stop - start, block_n),)](
-            q[start:stop], key, dist[start:stop], idx[start:stop], stop - start, C=key.shape[0], D=d,
+            q[start:stop], key, key_sq, dist[start:stop], idx[start:stop], stop - start, C=key.shape[0], D=d,
             DP=max(16, triton.next_power_of_2(d)), KK=k, K_PAD=triton.next_power_of_2(k), BLOCK_N=block_n,
             BLOCK_C=block_c, PREFETCH=prefetch, num_warps=num_warps)
     return dist, idx

@@ -45,7 +45,7 @@ def build(spec: str, classes: int, d: int, k: int) -> dict:
     constants = {"C": classes, "D": d, "DP": max(16, triton.next_power_of_2(d)), "KK": k,
                  "K_PAD": triton.next_power_of_2(k), "BLOCK_N": block_n, "BLOCK_C": block_c,
                  "PREFETCH": spec.endswith("p")}
-    signature = {"q_ptr": "*fp32", "k_ptr": "*fp32", "out_d_ptr": "*fp32", "out_i_ptr": "*i64", "n": "i32",
+    signature = {"q_ptr": "*fp32", "k_ptr": "*fp32", "ksq_ptr": "*fp32", "out_d_ptr": "*fp32", "out_i_ptr": "*i64", "n": "i32",
                  **dict.fromkeys(constants, "constexpr")}
     kernel = triton.compile(ASTSource(fn=_knn_kernel, signature=signature, constexprs=constants),
                             target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})

@@ -77,7 +77,8 @@ def test_fused_knn_compiles_for_hopper():
     """Triton's own compiler and ptxas build the kernel (with and without prefetch) for sm_90 here, without a GPU."""
     from esskit.knn_triton import BLOCK_C, BLOCK_N, _knn_kernel
 
-    signature = {"q_ptr": "*fp32", "k_ptr": "*fp32", "out_d_ptr": "*fp32", "out_i_ptr": "*i64", "n": "i32",
+    signature = {"q_ptr": "*fp32", "k_ptr": "*fp32", "ksq_ptr": "*fp32", "out_d_ptr": "*fp32", "out_i_ptr": "*i64",
+                 "n": "i32",
                  **dict.fromkeys(["C", "D", "DP", "KK", "K_PAD", "BLOCK_N", "BLOCK_C", "PREFETCH"], "constexpr")}
     for prefetch in (False, True):
         constants = {"C": 1284, "D": 12, "DP": 16, "KK": 9, "K_PAD": 16, "BLOCK_N": BLOCK_N, "BLOCK_C": BLOCK_C,
