@@ -45,8 +45,8 @@ def build(spec: str, classes: int, d: int, k: int) -> dict:
     constants = {"C": classes, "D": d, "DP": max(16, triton.next_power_of_2(d)), "KK": k,
                  "K_PAD": triton.next_power_of_2(k), "BLOCK_N": block_n, "BLOCK_C": block_c,
                  "PREFETCH": spec.endswith("p")}
-    signature = {"q_ptr": "*fp32", "k_ptr": "*fp32", "ksq_ptr": "*fp32", "out_d_ptr": "*fp32", "out_i_ptr": "*i64", "n": "i32",
-                 **dict.fromkeys(constants, "constexpr")}
+    signature = {"q_ptr": "*fp32", "k_ptr": "*fp32", "ksq_ptr": "*fp32", "out_d_ptr": "*fp32", "out_i_ptr": "*i64",
+                 "n": "i32", **dict.fromkeys(constants, "constexpr")}
     kernel = triton.compile(ASTSource(fn=_knn_kernel, signature=signature, constexprs=constants),
                             target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
     tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
@@ -125,12 +125,12 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
     default = rows[0]
+    cost = lambda r, c: r[f"warp_instructions_per_query_C{c}"]  # noqa: E731
     lines = ["| variant | registers | spill bytes | instructions / tile | / merge round | "
-             + " | ".join(f"rounds / tile, C = {c} | predicted vs {default['variant']}, C = {c}" for c in classes) + " |",
-             "|---|---|---|---|---|" + "---|---|" * len(classes)]
-    for r in sorted(rows, key=lambda r: r[f"warp_instructions_per_query_C{classes[-1]}"]):
-        cells = [f"{r[f'rounds_per_tile_C{c}']} | ×{r[f'warp_instructions_per_query_C{c}'] / default[f'warp_instructions_per_query_C{c}']:.2f}"
-                 for c in classes]
+             + " | ".join(f"rounds / tile, C = {c} | predicted vs {default['variant']}, C = {c}" for c in classes)
+             + " |", "|---|---|---|---|---|" + "---|---|" * len(classes)]
+    for r in sorted(rows, key=lambda r: cost(r, classes[-1])):
+        cells = [f"{r[f'rounds_per_tile_C{c}']} | ×{cost(r, c) / cost(default, c):.2f}" for c in classes]
         lines.append(f"| {r['variant']} | {r['registers']} | {r['spill_bytes']} | {r['tile_instructions']} | "
                      f"{r['round_instructions']} | " + " | ".join(cells) + " |")
     args.out.mkdir(parents=True, exist_ok=True)
