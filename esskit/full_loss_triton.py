@@ -20,7 +20,7 @@ from torch._subclasses.fake_tensor import is_fake
 
 from esskit.data import IGNORE_INDEX
 from esskit.knn_triton import launch_ranges, require_triton, triton
-from esskit.lean_loss import NORMALIZE_EPS, FullCrossEntropy
+from esskit.lean_loss import NORMALIZE_EPS, FullCrossEntropy, mu_grad
 from esskit.loss_triton import BLOCK_N
 
 BLOCK_C = 64  # classes per tile, by BLOCK_N pixels (tl.dot needs >= 16 on each side)
@@ -151,8 +151,7 @@ class FusedFullCrossEntropy(torch.autograd.Function):
             _full_backward_mu[(tiles, part.shape[0])](xs, mu, ts, ls, grad, part, rows, 1 / ctx.tau,
                                                       SPLIT_BLOCKS=per_split, **consts)
             acc += part.sum(0)
-        gmu = acc[:, :d] + 2 * acc[:, d:] * mu  # the -|mu|^2/tau term
-        return gx, gmu, None, None, None
+        return gx, mu_grad(acc, mu), None, None, None
 
 
 def _constants(mu: torch.Tensor, normalize: bool) -> dict:

@@ -41,6 +41,12 @@ FUSED_MAX_K = 64
 
 if triton is not None:
     @triton.jit
+    def _key_tile(k_ptr, cols, dims, C: tl.constexpr, D: tl.constexpr):
+        """Keys cols as a [DP, BLOCK_C] tile (zeros past C and past d)."""
+        return tl.load(k_ptr + cols[None, :] * D + dims[:, None], mask=(cols[None, :] < C) & (dims[:, None] < D),
+                       other=0.0)
+
+    @triton.jit
     def _knn_kernel(q_ptr, k_ptr, ksq_ptr, out_d_ptr, out_i_ptr, n, C: tl.constexpr, D: tl.constexpr,
                     DP: tl.constexpr, KK: tl.constexpr, K_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_C: tl.constexpr, PREFETCH: tl.constexpr):
@@ -54,18 +60,14 @@ if triton is not None:
         best_d = tl.where(slots[None, :] < KK, float("inf"), -float("inf")) + tl.zeros([BLOCK_N, K_PAD], tl.float32)
         best_i = tl.zeros([BLOCK_N, K_PAD], dtype=tl.int32)
         if PREFETCH:
-            kt = tl.load(k_ptr + tile_cols[None, :] * D + dims[:, None],
-                         mask=(tile_cols[None, :] < C) & (dims[:, None] < D), other=0.0)
+            kt = _key_tile(k_ptr, tile_cols, dims, C, D)
         for c0 in range(0, C, BLOCK_C):  # C is a constexpr (one build per C): Triton 3.6's interpreter needs it
             cols = c0 + tile_cols
             col_ok = cols < C
             if PREFETCH:  # the next tile's keys are in flight while this one is merged
-                nxt = cols + BLOCK_C
-                kt_next = tl.load(k_ptr + nxt[None, :] * D + dims[:, None],
-                                  mask=(nxt[None, :] < C) & (dims[:, None] < D), other=0.0)
+                kt_next = _key_tile(k_ptr, cols + BLOCK_C, dims, C, D)
             else:
-                kt = tl.load(k_ptr + cols[None, :] * D + dims[:, None], mask=col_ok[None, :] & (dims[:, None] < D),
-                             other=0.0)
+                kt = _key_tile(k_ptr, cols, dims, C, D)
             # |k|^2 - 2 q.k ranks like |q - k|^2 (|q|^2 is added at the end); fp32 products, no TF32
             ksq = tl.load(ksq_ptr + cols, mask=col_ok, other=0.0)
             dist = ksq[None, :] - 2 * tl.dot(q, kt, input_precision="ieee")

@@ -40,6 +40,13 @@ def unit_backward(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     return (grad - xh * radial) / n
 
 
+def mu_grad(acc: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+    """dL/dmu from the per-class sums [C, d+1] the backward passes gather: dL/dmu through the dot
+    products (columns < d), then dL/d|mu|^2 (column d) chained through |mu|^2 (the -|mu|^2/tau term)."""
+    d = mu.shape[1]
+    return acc[:, :d] + 2 * acc[:, d:] * mu
+
+
 def _fp32(x: torch.Tensor):
     """The losses stay fp32 under autocast (matmuls would otherwise run in fp16/bf16)."""
     return torch.autocast(x.device.type, enabled=False)
@@ -130,8 +137,7 @@ class CandidateCrossEntropy(torch.autograd.Function):
                     acc.index_add_(0, c.reshape(-1), src.flatten(0, 1))
                 if gx is not None:
                     gx[start:stop] = gxc
-            gmu = acc[:, :d] + 2 * acc[:, d:] * mu  # the -|mu|^2/tau term
-        return gx, gmu, None, None, None, None, None, None
+        return gx, mu_grad(acc, mu), None, None, None, None, None, None
 
 
 def _full_logits(xc, mu, sq, tau: float, normalize: bool):

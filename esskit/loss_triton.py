@@ -29,7 +29,7 @@ from torch._subclasses.fake_tensor import is_fake
 from esskit.data import IGNORE_INDEX
 from esskit.errors import ConfigError
 from esskit.knn_triton import FUSED_MAX_K, launch_ranges, require_triton, triton
-from esskit.lean_loss import NORMALIZE_EPS, CandidateCrossEntropy
+from esskit.lean_loss import NORMALIZE_EPS, CandidateCrossEntropy, mu_grad
 
 BLOCK_N = 64  # pixels per program
 # Copies of the [C, d+1] gradient accumulator, program i adding into copy i % ACC_REPLICAS: fewer
@@ -79,6 +79,16 @@ if triton is not None:
         return (2 * tl.sum(xh * mu, 1) - tl.sum(mu * mu, 1)) * inv_tau, c, mu
 
     @triton.jit
+    def _candidate_grad(xh, lse, w, mu_ptr, cand_ptr, rows, row_ok, dims, dim_ok, inv_tau, j: tl.constexpr,
+                        D: tl.constexpr, K1: tl.constexpr):
+        """dL/dz_ij = w_i (softmax_ij - [j = 0]) of candidate j, its class ids and embeddings."""
+        z, c, mu = _candidate_logit(xh, mu_ptr, cand_ptr, rows, row_ok, dims, dim_ok, inv_tau, j, D, K1)
+        g = tl.exp(z - lse) * w
+        if j == 0:  # softmax minus the one-hot target
+            g -= w
+        return g, c, mu
+
+    @triton.jit
     def _eq6_forward(x_ptr, mu_ptr, cand_ptr, t_ptr, loss_ptr, lse_ptr, n, inv_tau, D: tl.constexpr,
                      DP: tl.constexpr, K1: tl.constexpr, NORMALIZE: tl.constexpr, IGNORE: tl.constexpr,
                      EPS: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -112,10 +122,7 @@ if triton is not None:
         acc_ptr += (tl.program_id(0) % replicas) * acc_size  # this program's copy of [C, d+1]
         gxh = tl.zeros([BLOCK_N, DP], tl.float32)
         for j in tl.static_range(K1):
-            z, c, mu = _candidate_logit(xh, mu_ptr, cand_ptr, rows, row_ok, dims, dim_ok, inv_tau, j, D, K1)
-            g = tl.exp(z - lse) * w
-            if j == 0:  # softmax minus the one-hot target
-                g -= w
+            g, c, mu = _candidate_grad(xh, lse, w, mu_ptr, cand_ptr, rows, row_ok, dims, dim_ok, inv_tau, j, D, K1)
             gxh += g[:, None] * mu
             # dL/dmu_c = (2/tau) g xh (dot products) and dL/d|mu_c|^2 = -g/tau, per (pixel, candidate)
             tl.atomic_add(acc_ptr + c[:, None] * (D + 1) + dims[None, :], g[:, None] * xh * (2 * inv_tau),
@@ -147,10 +154,8 @@ if triton is not None:
             gxh = tl.zeros([BLOCK_N, DP], tl.float32)
             g_by_class = tl.zeros([BLOCK_N, CP], tl.float32)
             for j in tl.static_range(K1):
-                z, c, mu = _candidate_logit(xh, mu_ptr, cand_ptr, rows, row_ok, dims, dim_ok, inv_tau, j, D, K1)
-                g = tl.exp(z - lse) * w
-                if j == 0:
-                    g -= w
+                g, c, mu = _candidate_grad(xh, lse, w, mu_ptr, cand_ptr, rows, row_ok, dims, dim_ok, inv_tau, j,
+                                           D, K1)
                 gxh += g[:, None] * mu
                 g_by_class += tl.where(c[:, None] == classes[None, :], g[:, None], 0.0)  # repeats add up
             acc += tl.dot(tl.trans(g_by_class), xh, input_precision="ieee")  # fp32 FMAs: exact as the atomics
@@ -205,17 +210,15 @@ class FusedCandidateCrossEntropy(torch.autograd.Function):
         gx = torch.empty_like(x) if need_gx else x  # (not written without NEED_GX)
         grad = grad.detach().float().reshape(1).contiguous()
         consts = _constants(x, cand, ctx.normalize)
-        acc = mu.new_zeros(mu.shape[0], d + 1) if ctx.local else mu.new_zeros(ctx.replicas, mu.shape[0], d + 1)
+        acc = mu.new_zeros(1 if ctx.local else ctx.replicas, mu.shape[0], d + 1)
         for start, stop in launch_ranges(x.shape[0], max(d, cand.shape[1]), BLOCK_N):
             args = (x[start:stop], mu, cand[start:stop], target[start:stop], lse[start:stop], grad, gx[start:stop])
             if ctx.local:
-                acc += _local_partials_sum(args, stop - start, mu.shape[0], 1 / ctx.tau, need_gx, consts)
+                acc[0] += _local_partials_sum(args, stop - start, mu.shape[0], 1 / ctx.tau, need_gx, consts)
             else:
                 _eq6_backward[(triton.cdiv(stop - start, BLOCK_N),)](
                     *args, acc, acc[0].numel(), ctx.replicas, stop - start, 1 / ctx.tau, NEED_GX=need_gx, **consts)
-        acc = acc if ctx.local else acc.sum(0)
-        gmu = acc[:, :d] + 2 * acc[:, d:] * mu  # the -|mu|^2/tau term
-        return (gx if need_gx else None), gmu, None, None, None, None
+        return (gx if need_gx else None), mu_grad(acc.sum(0), mu), None, None, None, None
 
 
 def fused_candidate_cross_entropy(x, mu, cand, target, tau: float, normalize: bool, rows: int) -> torch.Tensor:

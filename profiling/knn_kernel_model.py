@@ -40,11 +40,13 @@ def build(spec: str, classes: int, d: int, k: int) -> dict:
     from triton.compiler import ASTSource
 
     from esskit.knn_triton import _knn_kernel
+    from step_breakdown import knn_variant  # the GPU sweep's reading of the same specs
 
-    block_n, block_c, warps = (int(v) for v in spec.removesuffix("p").split("x"))
+    variant = knn_variant(spec)
+    block_n, block_c, warps = variant["block_n"], variant["block_c"], variant["num_warps"]
     constants = {"C": classes, "D": d, "DP": max(16, triton.next_power_of_2(d)), "KK": k,
                  "K_PAD": triton.next_power_of_2(k), "BLOCK_N": block_n, "BLOCK_C": block_c,
-                 "PREFETCH": spec.endswith("p")}
+                 "PREFETCH": variant["prefetch"]}
     signature = {"q_ptr": "*fp32", "k_ptr": "*fp32", "ksq_ptr": "*fp32", "out_d_ptr": "*fp32", "out_i_ptr": "*i64",
                  "n": "i32", **dict.fromkeys(constants, "constexpr")}
     kernel = triton.compile(ASTSource(fn=_knn_kernel, signature=signature, constexprs=constants),
@@ -87,12 +89,17 @@ def loop_sizes(sass: str) -> tuple[int, int]:
     return size(outer) - size(inner), size(inner)
 
 
-def rounds_per_query(classes: int, block_n: int, block_c: int, k: int, d: int, queries: int, seed: int = 0):
-    """(tiles, merge rounds) per query of the kernel's merge, on random unit queries and keys."""
+def random_distances(classes: int, d: int, queries: int, seed: int = 0) -> np.ndarray:
+    """[queries, classes] squared distances between random unit queries and keys."""
     rng = np.random.default_rng(seed)
     unit = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)  # noqa: E731
     q, keys = unit(rng.standard_normal((queries, d))), unit(rng.standard_normal((classes, d)))
-    dist = ((q[:, None, :] - keys[None, :, :]) ** 2).sum(-1)
+    return ((q[:, None, :] - keys[None, :, :]) ** 2).sum(-1)
+
+
+def rounds_per_query(dist: np.ndarray, block_n: int, block_c: int, k: int) -> tuple[float, float]:
+    """(tiles, merge rounds) per query of the kernel's merge over the distances [queries, C]."""
+    queries, classes = dist.shape
     best, tiles, rounds = np.full((queries, k), np.inf), 0, 0
     for c0 in range(0, classes, block_c):
         tile = dist[:, c0:c0 + block_c]
@@ -114,11 +121,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     classes = [int(c) for c in args.classes.split(",")]
+    distances = {c: random_distances(c, args.d, args.queries) for c in classes}  # the same draws for every variant
     rows = []
     for spec in args.variants.split(","):
         row = build(spec, 1284, args.d, args.k)  # C only sets the loop's trip count, not its body
         for c in classes:
-            tiles, rounds = rounds_per_query(c, row["block_n"], row["block_c"], args.k, args.d, args.queries)
+            tiles, rounds = rounds_per_query(distances[c], row["block_n"], row["block_c"], args.k)
             row[f"rounds_per_tile_C{c}"] = round(rounds / tiles, 2)
             row[f"warp_instructions_per_query_C{c}"] = round(
                 (tiles * row["tile_instructions"] + rounds * row["round_instructions"]) * row["warps"])

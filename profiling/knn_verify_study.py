@@ -30,7 +30,7 @@ from esskit.checkpoint import find_checkpoint, load_weights
 from esskit.config import build_config, load_config
 from esskit.data import IGNORE_INDEX, build_dataset
 from esskit.engine import model_from_config
-from esskit.knn import knn_exact
+from esskit.knn import covering_cells, knn_exact
 from esskit.losses import pixels_last, upsample
 from esskit.profile.step import build_training, cell_config, synthetic_batch
 
@@ -44,10 +44,10 @@ def pass_rates(emb: torch.Tensor, size, mu: torch.Tensor, keep: torch.Tensor, kk
     x = F.normalize(pixels_last(upsample(emb, size)), dim=1)
     y = F.normalize(pixels_last(emb), dim=1)
     (b, _, h, w), (height, width) = emb.shape, size
-    # the stride-4 pixel whose area holds each label pixel's centre (any choice keeps the check exact)
-    iy = ((torch.arange(height) + 0.5) * h / height).long().clamp(max=h - 1)
-    ix = ((torch.arange(width) + 0.5) * w / width).long().clamp(max=w - 1)
-    p = (torch.arange(b)[:, None, None] * h * w + iy[:, None] * w + ix).reshape(-1)
+    # the stride-4 pixel covering each label pixel, as knn_at = "feature" shares it (any choice
+    # keeps the check exact)
+    p = ((torch.arange(b)[:, None, None] * h + covering_cells(height, h)[:, None]) * w
+         + covering_cells(width, w)).reshape(-1)
     x, p = x[keep], p[keep]
     eps = (x - y[p]).norm(dim=1)
     # the reference in float64; where its (k+1)-th and (k+2)-th distances are within TIE, fp32

@@ -1,16 +1,14 @@
 """profiling/knn_kernel_model.py: its shortcut for the merge rounds equals the kernel's own loop
 (replayed in numpy), and it reads a tile and a round out of the kernel's sm_90a build."""
 
-import importlib.util
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "profiling" / "knn_kernel_model.py"
-spec = importlib.util.spec_from_file_location("knn_kernel_model", SCRIPT)
-model = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(model)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "profiling"))  # as when the script runs
+import knn_kernel_model as model  # noqa: E402
 
 
 def _kernel_rounds(dist: np.ndarray, k: int, block_n: int, block_c: int) -> int:
@@ -35,12 +33,9 @@ def _kernel_rounds(dist: np.ndarray, k: int, block_n: int, block_c: int) -> int:
 
 @pytest.mark.parametrize("classes,block_n,block_c,k", [(150, 32, 32, 7), (300, 16, 16, 9), (70, 64, 16, 5)])
 def test_round_count_matches_the_kernels_loop(classes, block_n, block_c, k):
-    queries, d = 256, 12
-    tiles, rounds = model.rounds_per_query(classes, block_n, block_c, k, d, queries, seed=3)
-    rng = np.random.default_rng(3)  # the same draws as rounds_per_query
-    unit = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)  # noqa: E731
-    q, keys = unit(rng.standard_normal((queries, d))), unit(rng.standard_normal((classes, d)))
-    dist = ((q[:, None, :] - keys[None, :, :]) ** 2).sum(-1)
+    queries = 256
+    dist = model.random_distances(classes, 12, queries, seed=3)
+    tiles, rounds = model.rounds_per_query(dist, block_n, block_c, k)
     assert tiles == -(-classes // block_c) / block_n
     assert rounds * queries == _kernel_rounds(dist, k, block_n, block_c)
 
