@@ -168,7 +168,8 @@ class FullCrossEntropy(torch.autograd.Function):
         x, mu, target = ctx.saved_tensors
         tau, normalize = ctx.tau, ctx.normalize
         gx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
-        gmu, gsq = torch.zeros_like(mu), mu.new_zeros(mu.shape[0])
+        d = mu.shape[1]
+        acc = mu.new_zeros(mu.shape[0], d + 1)  # [C, d+1], as CandidateCrossEntropy's
         with _fp32(x):
             sq = mu.pow(2).sum(1)
             for start, stop in chunk_ranges(x.shape[0], ctx.rows, x):
@@ -177,11 +178,10 @@ class FullCrossEntropy(torch.autograd.Function):
                 g = z.softmax(1)
                 g.scatter_add_(1, t.clamp_min(0)[:, None], g.new_full((g.shape[0], 1), -1.0))
                 g *= _weights(t, grad, g.dtype)[:, None]  # dL/dz
-                gxc = _dense_backward(g, xc, xh, mu, tau, normalize, gmu, gsq, gx is not None)
+                gxc = _dense_backward(g, xc, xh, mu, tau, normalize, acc[:, :d], acc[:, d], gx is not None)
                 if gx is not None:
                     gx[start:stop] = gxc
-            gmu += 2 * gsq[:, None] * mu  # the -|mu|^2/tau term
-        return gx, gmu, None, None, None, None
+        return gx, mu_grad(acc, mu), None, None, None, None
 
 
 def has_builtin_linear_cross_entropy() -> bool:
