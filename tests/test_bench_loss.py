@@ -37,7 +37,7 @@ def test_bench_loss_runs_the_fused_variants_with_block_labels(tmp_path):
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     variants = ("ess", "ess_fused", "ess_fused_atomic", "ess_fused_r16", "ess_fused_b16", "ess_full_fused")
     subprocess.run([sys.executable, str(SCRIPT), "--classes", "19", "--variants", ",".join(variants), "--labels", "blocks",
-                    "--batch", "1", "--size", "40", "--reps", "1", "--threads", "1", "--out", str(out)],
+                    "--batch", "1", "--size", "16", "--reps", "1", "--threads", "1", "--out", str(out)],
                    check=True, capture_output=True, timeout=300, env=env)
     with open(out / "results.csv") as f:
         rows = {r["variant"]: r for r in csv.DictReader(f)}

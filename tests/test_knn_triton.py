@@ -1,6 +1,6 @@
 """esskit.knn_triton, the fused kNN kernel: exact against brute force (Triton's interpreter runs it
-on this CPU, in a subprocess because TRITON_INTERPRET is read when the kernel is defined), the
-trainer end to end with method.knn = "triton", and the kernel compiling for Hopper (sm_90)."""
+on this CPU, in a subprocess because TRITON_INTERPRET is read when the kernel is defined) and
+compiling for Hopper (sm_90). The trainer runs it end to end in test_loss_triton's CLI test."""
 
 import os
 import subprocess
@@ -32,12 +32,14 @@ def test_fused_knn_is_exact_against_brute_force():
         from esskit.knn_triton import knn_triton
         from test_knn import _assert_matches_reference
         for n, c, d, k, seed in [(1, 3, 4, 1, 0), (33, 5, 7, 3, 1), (70, 130, 12, 9, 2), (100, 37, 33, 20, 3),
-                                 (65, 64, 12, 64, 4), (40, 1000, 8, 9, 5)]:
+                                 (33, 64, 12, 64, 4), (40, 1000, 8, 9, 5)]:
             g = torch.Generator().manual_seed(seed)
             q, key = torch.randn(n, d, generator=g), torch.randn(c, d, generator=g)
             dist, idx = knn_triton(q, key, k)
             assert dist.dtype == torch.float32 and (dist[:, 1:] >= dist[:, :-1]).all()
             _assert_matches_reference(dist, idx, q.double(), key.double(), k)
+            if k == c:  # 64 merge rounds a tile: the slowest case in the interpreter, default tile only
+                continue
             # other tiles (the sweep's 64 x 16) and the prefetching loop, one tile or several (the last short)
             for block_n, block_c, prefetch in ((64, 16, False), (32, 16, True), (32, 64, True)):
                 dist, idx = knn_triton(q, key, k, block_n=block_n, block_c=block_c, prefetch=prefetch)
@@ -48,22 +50,6 @@ def test_fused_knn_is_exact_against_brute_force():
         print("ok")
     """)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
-
-
-def test_cli_trains_with_the_fused_knn(tmp_path):
-    recipe = ROOT / "recipes" / "synthetic.toml"
-    tiny = ["train.steps=2", "train.batch_size=2", "data.crop=[32,32]", "data.base_size=[32,32]",
-            "data.synthetic_image_size=32", "data.synthetic_train_size=4", "data.synthetic_val_size=2",
-            "train.log_every=1", "eval.batch_size=2", "method.knn=triton", "model.embed_dim=8"]
-    result = _interpreted("""
-        import sys
-        from esskit.cli import main
-        sys.argv = ["esskit", *sys.argv[1:]]
-        main()
-    """, "train", str(recipe), "--out", str(tmp_path / "run"), *[a for s in tiny for a in ("--set", s)], timeout=600)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    assert (tmp_path / "run" / "eval.json").is_file()
-    assert 'knn = "triton"' in (tmp_path / "run" / "config.toml").read_text()
 
 
 def test_fused_knn_refuses_cpu_tensors_without_the_interpreter():
