@@ -138,7 +138,7 @@ def profile(recipe: Annotated[Optional[Path], typer.Argument(help="Optional reci
             batch: Annotated[int, typer.Option(help="No search: peak memory and times at this batch size "
                                                "for every method (equal-batch comparisons)")] = 0,
             out: Annotated[Optional[Path], typer.Option(help="Output directory (default: profiling/results/"
-                                                        "BACKBONE-CROP-PRECISION-DEVICE)")] = None,
+                                                        "BACKBONE-CROP-PRECISION[-bN]-DEVICE)")] = None,
             overrides: Overrides = None):
     """Max batch size, peak memory and step times per method and class count (paper Figure 1,
     Tables 6-7); writes results.csv/json, figure1.png, table6.md and table7.md."""

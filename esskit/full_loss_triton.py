@@ -29,7 +29,8 @@ SPLIT_PROGRAMS = 2048  # the dL/dmu kernel splits the pixels so that about this 
 if triton is not None:
     import triton.language as tl
 
-    from esskit.loss_triton import _store_grad_x, _unit_rows
+    from esskit.knn_triton import _unit_rows
+    from esskit.loss_triton import _store_grad_x
 
     @triton.jit
     def _logit_tile(xh, mu_ptr, c0, dims, dim_ok, inv_tau, C: tl.constexpr, D: tl.constexpr,

@@ -89,16 +89,15 @@ def knn_faiss(queries: torch.Tensor, keys: torch.Tensor, k: int) -> tuple[torch.
 
 def knn_backend(name: str, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
     """The search function selected by `method.knn` ("auto": the fused kernel on CUDA tensors,
-    2-5x faster than the chunked search on an H100, and the chunked search elsewhere)."""
+    2-5x faster than the chunked search on an H100, and the chunked search elsewhere). The fused
+    ones also build Eq. 6's candidates in one kernel (`knn_triton.FusedSearch.candidates`)."""
     if name == "faiss":
         return knn_faiss
     exact = lambda queries, keys, k: knn_exact(queries, keys, k, chunk_bytes)  # noqa: E731
     if name == "torch":
         return exact
-    from esskit.knn_triton import fused_by_default, knn_triton
-    if name == "triton":
-        return knn_triton
-    return lambda queries, keys, k: (knn_triton if fused_by_default(queries, k) else exact)(queries, keys, k)
+    from esskit.knn_triton import FusedSearch
+    return FusedSearch(exact, always=name == "triton")
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from torch._subclasses.fake_tensor import is_fake
 
 from esskit.data import IGNORE_INDEX
 from esskit.errors import ConfigError
-from esskit.knn_triton import FUSED_MAX_K, launch_ranges, require_triton, triton
+from esskit.knn_triton import FUSED_MAX_K, _unit_rows, launch_ranges, require_triton, triton
 from esskit.lean_loss import NORMALIZE_EPS, CandidateCrossEntropy, mu_grad
 
 BLOCK_N = 64  # pixels per program
@@ -48,17 +48,6 @@ LOCAL_PROGRAMS = 1024
 
 if triton is not None:
     import triton.language as tl
-
-    @triton.jit
-    def _unit_rows(x_ptr, rows, row_ok, dims, dim_ok, D: tl.constexpr, NORMALIZE: tl.constexpr, EPS: tl.constexpr):
-        x = tl.load(x_ptr + rows[:, None] * D + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :],
-                    other=0.0).to(tl.float32)
-        norm = tl.sqrt(tl.sum(x * x, 1))
-        if NORMALIZE:
-            xh = x / tl.maximum(norm, EPS)[:, None]
-        else:
-            xh = x
-        return x, xh, norm
 
     @triton.jit
     def _store_grad_x(gx_ptr, gxh, xh, norm, rows, row_ok, dims, dim_ok, D: tl.constexpr, NORMALIZE: tl.constexpr,

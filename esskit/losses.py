@@ -65,8 +65,14 @@ def ess_candidates(x: torch.Tensor, mu: torch.Tensor, target: torch.Tensor, k: i
     """[N, k+1] int32 class ids per pixel: the target (ignore pixels: class 0), then its k
     negatives (Eq. 6), built `rows` pixels at a time so the kNN outputs stay chunk-sized.
 
-    `neighbours` replaces the per-pixel search by one shared per feature pixel or pixel block.
+    `neighbours` replaces the per-pixel search by one shared per feature pixel or pixel block. A
+    search with `candidates` (the fused kernel's) builds them all in one pass where it runs.
     """
+    fused = getattr(knn, "candidates", None)
+    if negatives == "nearest" and neighbours is None and fused is not None:
+        cand = fused(x, mu, target, k, normalize)
+        if cand is not None:
+            return cand
     n = x.shape[0]
     t = target.clamp_min(0)
     cand = torch.empty(n, k + 1, dtype=torch.int32, device=x.device)

@@ -1,7 +1,7 @@
 """Synthetic accuracy study: baseline vs ESS vs ess_full at C = 19, 150, 1284, and the paper's
 ablations (Tables 2, 3 and 5) run on the embedded synthetic dataset.
 
-    python profiling/accuracy_study.py                          # every row, about 1 h on 2 CPU cores
+    python profiling/accuracy_study.py                          # every row, about 3 h on 2 CPU cores
     python profiling/accuracy_study.py --groups methods --out /tmp/study --set train.steps=50
 
 Every row is recipes/synthetic.toml + COMMON + the row's keys + --set. The ablation rows take

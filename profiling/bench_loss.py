@@ -89,6 +89,12 @@ def _fused_with(**constants):
     return loss
 
 
+def _chunked_candidates(emb, class_emb, target, cfg, knn):
+    """ESS with the fused kernels, its candidates built chunk by chunk around the search (a bare
+    search function has no `candidates`), as before knn_triton.candidates_triton."""
+    return ess_paper_loss(emb, class_emb, target, cfg, lambda queries, keys, k: knn(queries, keys, k))
+
+
 def _baseline(logits, class_emb, target, cfg, knn):
     return segmentation_loss({"logits": logits}, target, cfg)[0]
 
@@ -108,6 +114,8 @@ VARIANTS = {
     "ess_full": (_full(True), {"name": "ess_full"}, "ess_full, torch linear_cross_entropy"),
     "ess_full_esskit": (_full(False), {"name": "ess_full"}, "ess_full, esskit chunked"),
     "ess_full_fused": (_full(None), {"name": "ess_full", "loss_kernel": "triton"}, "ess_full, fused Triton kernels"),
+    "ess_fused_chunked": (_chunked_candidates, {"knn": "triton", "loss_kernel": "triton"},
+                          "ESS, fused kernels, candidates built in chunks"),
     "ess_fused_atomic": (_fused_with(LOCAL_MAX_CLASSES=0), {"knn": "triton", "loss_kernel": "triton"},
                          "ESS, fused kernels, dL/dmu by atomics at every C"),
     "ess_fused_r16": (_fused_with(LOCAL_MAX_CLASSES=0, ACC_REPLICAS=16), {"knn": "triton", "loss_kernel": "triton"},

@@ -73,7 +73,7 @@ for part in $parts; do
           --out "$results/resnet50-512-fp32-b8-cuda" ;;
     bench) run python profiling/bench_loss.py --device cuda --batch 8 --size 512 --loss-chunk-mib 64 \
              --knn-chunk-mib 64 --classes 19,150,1284,10000 --reps 5 --budget-s 5 --max-mib 60000 \
-             --variants baseline,ess,ess_dense,ess_triton,ess_fused,ess_fused_atomic,ess_fused_r16,ess_fused_b32,ess_fused_b16,ess_feature,ess_block4,ess_full_esskit,ess_full_fused \
+             --variants baseline,ess,ess_dense,ess_triton,ess_fused,ess_fused_chunked,ess_fused_atomic,ess_fused_r16,ess_fused_b32,ess_fused_b16,ess_feature,ess_block4,ess_full_esskit,ess_full_fused \
              --out "$results/bench_loss-cuda"
            run python profiling/bench_loss.py --device cuda --batch 8 --size 512 --loss-chunk-mib 64 \
              --knn-chunk-mib 64 --classes 19,150,1284 --reps 5 --budget-s 5 --max-mib 60000 --labels blocks \

@@ -126,7 +126,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--crop", type=int, default=512)
     parser.add_argument("--selection-classes", default="19,150,1284,10000,100000")
-    parser.add_argument("--k", type=int, default=7, help="k+1 of the default method.k = 6")
+    parser.add_argument("--k", type=int, default=7, help="k+1 (7: the synthetic and Cityscapes recipes' k = 6)")
     parser.add_argument("--knn-classes", default="19,150,1284,10000,100000", help="'' skips the kNN comparison")
     parser.add_argument("--knn-tiles", default="", help="block_n x block_c x warps of knn_triton to time too, "
                         "p appended for its prefetching loop, e.g. 32x32x4,32x32x4p,16x32x1")

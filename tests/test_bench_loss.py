@@ -35,7 +35,8 @@ def test_bench_loss_runs_the_fused_variants_with_block_labels(tmp_path):
     # Triton's interpreter stands in for the GPU: the variants that only a GPU times here run end to end
     out = tmp_path / "bench"
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    variants = ("ess", "ess_fused", "ess_fused_atomic", "ess_fused_r16", "ess_fused_b16", "ess_full_fused")
+    variants = ("ess", "ess_fused", "ess_fused_chunked", "ess_fused_atomic", "ess_fused_r16", "ess_fused_b16",
+                "ess_full_fused")
     subprocess.run([sys.executable, str(SCRIPT), "--classes", "19", "--variants", ",".join(variants), "--labels", "blocks",
                     "--batch", "1", "--size", "16", "--reps", "1", "--threads", "1", "--out", str(out)],
                    check=True, capture_output=True, timeout=300, env=env)

@@ -52,6 +52,31 @@ def test_fused_knn_is_exact_against_brute_force():
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
 
 
+def test_fused_candidates_equal_the_chunked_build():
+    # Eq. 6's candidates in one kernel (normalisation, search, target dropped) against losses.ess_candidates
+    # on knn_exact: ignore pixels, C = k + 1 (the target always found), no normalisation, d = 33
+    result = _interpreted("""
+        import torch, torch.nn.functional as F
+        from esskit.knn import knn_backend, knn_exact
+        from esskit.knn_triton import candidates_triton
+        from esskit.losses import ess_candidates
+        for n, c, d, k, normalize, seed in [(1, 3, 4, 2, True, 0), (70, 19, 12, 8, True, 1), (45, 9, 7, 8, True, 2),
+                                            (100, 300, 12, 6, False, 3), (33, 40, 33, 20, True, 4)]:
+            g = torch.Generator().manual_seed(seed)
+            x, mu = torch.randn(n, d, generator=g), F.normalize(torch.randn(c, d, generator=g), dim=1)
+            target = torch.randint(0, c, (n,), generator=g)
+            target[::7] = -1
+            ref = ess_candidates(x, mu, target, k, rows=16, normalize=normalize, knn=knn_exact)
+            got = candidates_triton(x, mu, target, k, normalize)
+            assert got.dtype == torch.int32 and torch.equal(got, ref), (n, c, (got != ref).nonzero()[:5])
+            # and through the backend the trainer uses, which takes this path
+            got = ess_candidates(x, mu, target, k, rows=16, normalize=normalize, knn=knn_backend("triton"))
+            assert torch.equal(got, ref)
+        print("ok")
+    """)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+
+
 def test_fused_knn_refuses_cpu_tensors_without_the_interpreter():
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("the interpreter runs CPU tensors")
@@ -60,8 +85,9 @@ def test_fused_knn_refuses_cpu_tensors_without_the_interpreter():
 
 
 def test_fused_knn_compiles_for_hopper():
-    """Triton's own compiler and ptxas build the kernel (with and without prefetch) for sm_90 here, without a GPU."""
-    from esskit.knn_triton import BLOCK_C, BLOCK_N, _knn_kernel
+    """Triton's own compiler and ptxas build the kernel (with and without prefetch) and the candidates' kernel
+    for sm_90 here, without a GPU."""
+    from esskit.knn_triton import BLOCK_C, BLOCK_N, _candidates_kernel, _knn_kernel
 
     signature = {"q_ptr": "*fp32", "k_ptr": "*fp32", "ksq_ptr": "*fp32", "out_d_ptr": "*fp32", "out_i_ptr": "*i64",
                  "n": "i32",
@@ -70,6 +96,10 @@ def test_fused_knn_compiles_for_hopper():
         constants = {"C": 1284, "D": 12, "DP": 16, "KK": 9, "K_PAD": 16, "BLOCK_N": BLOCK_N, "BLOCK_C": BLOCK_C,
                      "PREFETCH": prefetch}
         assert compile_for_hopper(_knn_kernel, signature, constants).asm["cubin"]
+    signature = {"x_ptr": "*fp32", "t_ptr": "*i64", "k_ptr": "*fp32", "ksq_ptr": "*fp32", "cand_ptr": "*i32", "n": "i32",
+                 **dict.fromkeys([*constants, "NORMALIZE", "EPS"], "constexpr")}
+    constants.update(PREFETCH=False, NORMALIZE=True, EPS=1e-12)
+    assert compile_for_hopper(_candidates_kernel, signature, constants).asm["cubin"]
 
 
 def compile_for_hopper(fn, signature: dict, constexprs: dict):
@@ -93,6 +123,21 @@ def test_compiled_fused_knn_matches_knn_exact_on_cuda():
         q, key = torch.randn(n, d, generator=g), torch.randn(c, d, generator=g)
         dist, idx = knn_backend("triton")(q.cuda(), key.cuda(), k)
         _assert_matches_reference(dist.cpu(), idx.cpu(), q.double(), key.double(), k)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the compiled kernel)")
+def test_compiled_fused_candidates_match_the_chunked_build_on_cuda():
+    from esskit.knn import knn_exact
+    from esskit.knn_triton import candidates_triton
+    from esskit.losses import ess_candidates
+
+    for n, c, d, k in [(5000, 19, 12, 8), (3000, 1284, 12, 8)]:
+        g = torch.Generator().manual_seed(c)
+        x, mu = torch.randn(n, d, generator=g).cuda(), torch.nn.functional.normalize(torch.randn(c, d, generator=g), dim=1).cuda()
+        target = torch.randint(-1, c, (n,), generator=g).cuda()
+        got = candidates_triton(x, mu, target, k).cpu()
+        ref = ess_candidates(x, mu, target, k, rows=1024, knn=knn_exact).cpu()
+        assert (got == ref).all(1).float().mean() > 0.999  # fp32 near-ties may swap neighbours' order
 
 
 def test_auto_takes_the_chunked_search_on_cpu_tensors():
