@@ -11,7 +11,7 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
 
-from esskit.errors import TrainingError
+from esskit.errors import ConfigError, TrainingError
 
 PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"  # written last: its presence marks a complete checkpoint
@@ -71,8 +71,24 @@ def checkpoint_step(checkpoint: Path) -> int:
 
 def load_weights(model: torch.nn.Module, checkpoint: Path) -> None:
     """Model weights only (evaluate / predict)."""
-    try:
-        model.load_state_dict(load_file(checkpoint / WEIGHTS_FILE))
-    except RuntimeError as e:
-        raise TrainingError(f"{checkpoint / WEIGHTS_FILE} does not match the recipe's model: "
-                            f"{str(e).splitlines()[0]}") from None
+    path = checkpoint / WEIGHTS_FILE
+    saved = load_file(path)
+    mismatches = _mismatches(model.state_dict(), saved)
+    if mismatches:
+        more = f" (and {len(mismatches) - 1} more)" if len(mismatches) > 1 else ""
+        raise ConfigError(f"{path} does not match the recipe's {type(model).__name__}: {mismatches[0]}{more}; "
+                          f"the recipe must match {checkpoint.parent / 'config.toml'} in method.name, "
+                          f"data.num_classes, model.embed_dim, model.backbone and model.norm")
+    model.load_state_dict(saved)
+
+
+def _mismatches(expected: dict, saved: dict) -> list[str]:
+    """What keeps `saved` from loading into a model with state dict `expected`, in model order."""
+    found = []
+    for name, tensor in expected.items():
+        if name not in saved:
+            found.append(f"parameter {name} missing from the checkpoint")
+        elif saved[name].shape != tensor.shape:
+            found.append(f"{name} is {list(saved[name].shape)} in the checkpoint but {list(tensor.shape)} "
+                         f"in the model")
+    return found + [f"unexpected parameter {name} in the checkpoint" for name in saved if name not in expected]

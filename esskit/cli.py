@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from esskit.config import load_config
-from esskit.errors import EsskitError
+from esskit.errors import ConfigError, EsskitError
 
 app = typer.Typer(help="ESS: semantic segmentation with thousands of classes on one GPU.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -30,6 +30,9 @@ def train(recipe: Recipe, overrides: Overrides = None,
     from esskit import engine
 
     try:
+        if resume and out and out.resolve() != resume.resolve():
+            raise ConfigError(f"--out {out} with --resume {resume}: a resumed run keeps writing into {resume}; "
+                              f"drop --out or make it {resume}")
         cfg = load_config(recipe, overrides or [])
         run_dir = resume or out or Path(cfg.train.out_dir)
         engine.train(cfg, run_dir, resume=resume is not None)
@@ -100,7 +103,8 @@ def build_dataset(
                    "unlabeled (lvis_v1_val.json needs stuff_train2017.json and stuff_val2017.json)", err=True)
     if report.failed:
         typer.echo(f"error: {report.failed} images not written: {len(report.errors)} corrupt annotations "
-                   "(listed above); fix or drop them and rerun: finished masks are kept", err=True)
+                   "(listed above); fix or drop them and rerun: finished masks are kept, and classes.json "
+                   "(which marks a complete build) is written once every image is", err=True)
         raise typer.Exit(1)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -16,6 +17,10 @@ from pathlib import Path
 import tomli_w
 
 from esskit.errors import ConfigError
+from esskit.files import write_atomic
+
+# SyntheticSegmentation's smallest image side (esskit/data/synthetic.py checks it too)
+SYNTHETIC_MIN_IMAGE_SIZE = 8
 
 
 def _check_choice(section: str, name: str, value, choices) -> None:
@@ -26,9 +31,11 @@ def _check_choice(section: str, name: str, value, choices) -> None:
 def _check_positive(section: str, obj, names: list[str], allow_zero: bool = False) -> None:
     for name in names:
         value = getattr(obj, name)
-        if value < 0 or (value == 0 and not allow_zero):
+        # NaN fails no comparison, so it must be refused explicitly (inf is no usable setting either)
+        if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
             bound = ">= 0" if allow_zero else "> 0"
-            raise ConfigError(f"{section}.{name} = {value!r} must be {bound}")
+            finite = "" if math.isfinite(value) else "a finite number "
+            raise ConfigError(f"{section}.{name} = {value!r} must be {finite}{bound}")
 
 
 @dataclass(kw_only=True)
@@ -77,6 +84,16 @@ class MethodConfig:
         if self.variant == "essnet" and (self.knn_at != "label" or self.knn_block > 1):
             raise ConfigError("method.knn_at / method.knn_block apply to variant 'paper'; variant 'essnet' "
                               "searches per label pixel like the official code")
+        # essnet_loss hard-codes nearest negatives, unit embeddings and logits -20*|x-mu| (no tau);
+        # only name "ess" runs it (ess_full uses tau and normalize).
+        if self.name == "ess" and self.variant == "essnet":
+            fixed = {"negatives": "nearest", "normalize": True, "tau": MethodConfig.tau}
+            changed = [f"method.{key} = {getattr(self, key)!r}" for key, value in fixed.items()
+                       if getattr(self, key) != value]
+            if changed:
+                raise ConfigError(f"{', '.join(changed)} would be ignored by method.variant = 'essnet' (nearest "
+                                  f"negatives, normalised embeddings, logits -20*|x-mu|); drop the key(s) or "
+                                  f"set method.variant = 'paper'")
 
 
 @dataclass(kw_only=True)
@@ -112,12 +129,21 @@ class DataConfig:
             raise ConfigError(f"data.crop = {self.crop} must be [height, width] with positive sizes")
         if len(self.base_size) != 2 or min(self.base_size) <= 0:
             raise ConfigError(f"data.base_size = {self.base_size} must be [height, width] with positive sizes")
-        if len(self.scale_range) != 2 or not 0 < self.scale_range[0] <= self.scale_range[1]:
-            raise ConfigError(f"data.scale_range = {self.scale_range} must be [min, max] with 0 < min <= max")
+        low, high = self.scale_range if len(self.scale_range) == 2 else (0, 0)
+        if not (0 < low <= high and math.isfinite(high)):  # NaN fails the comparisons too
+            raise ConfigError(f"data.scale_range = {self.scale_range} must be [min, max] with 0 < min <= max "
+                              f"(finite)")
         if len(self.mean) != 3 or len(self.std) != 3:
             raise ConfigError("data.mean and data.std must have 3 values (RGB)")
+        if not all(map(math.isfinite, self.mean)):
+            raise ConfigError(f"data.mean = {self.mean} must hold 3 finite numbers")
+        if not all(math.isfinite(v) and v > 0 for v in self.std):  # the normalisation divides by std
+            raise ConfigError(f"data.std = {self.std} must hold 3 finite numbers > 0")
         _check_positive("data", self, ["num_workers"], allow_zero=True)
-        _check_positive("data", self, ["synthetic_train_size", "synthetic_val_size", "synthetic_image_size"])
+        _check_positive("data", self, ["synthetic_train_size", "synthetic_val_size"])
+        if self.synthetic_image_size < SYNTHETIC_MIN_IMAGE_SIZE:
+            raise ConfigError(f"data.synthetic_image_size = {self.synthetic_image_size} must be >= "
+                              f"{SYNTHETIC_MIN_IMAGE_SIZE}")
         if self.class_names and self.class_names_file:
             raise ConfigError("data.class_names and data.class_names_file are exclusive; set one")
         if self.class_names and len(self.class_names) != self.num_classes:
@@ -126,6 +152,14 @@ class DataConfig:
         if not -1 <= self.mask_void_value < 2**16:
             raise ConfigError(f"data.mask_void_value = {self.mask_void_value} must be -1 (none) or 0..65535")
         _check_positive("data", self, ["mask_label_offset"], allow_zero=True)
+        # The hf loader reads the void value before the offset: one that a class is stored as (e.g. the
+        # default 255 with more than 255 classes) would silently turn that class into ignore.
+        stored = range(self.mask_label_offset, self.mask_label_offset + self.num_classes)
+        if self.name == "hf" and self.mask_void_value in stored:
+            raise ConfigError(f"data.mask_void_value = {self.mask_void_value} is the stored value of class "
+                              f"{self.mask_void_value - self.mask_label_offset} (data.num_classes = "
+                              f"{self.num_classes}, data.mask_label_offset = {self.mask_label_offset}); set it to "
+                              f"the masks' real void value, or -1 if they have none")
 
 
 @dataclass(kw_only=True)
@@ -186,6 +220,10 @@ class EvalConfig:
                 raise ConfigError(f"eval.{name} = {value} must be [height, width] with positive sizes")
         _check_positive("eval", self, ["batch_size"])
         _check_positive("eval", self, ["max_images"], allow_zero=True)
+        # A step longer than the window skips pixels: no window predicts them.
+        if self.mode == "slide" and any(s > c for s, c in zip(self.stride, self.crop)):
+            raise ConfigError(f"eval.stride = {self.stride} must be <= eval.crop = {self.crop} in each dimension "
+                              f"(mode 'slide')")
 
 
 @dataclass(kw_only=True)
@@ -230,18 +268,19 @@ def _coerce(where: str, value, annotation):
     return value
 
 
-def _parse_override(text: str) -> tuple[str, str, object]:
+def _parse_override(text: str) -> tuple[str, str, str, object]:
+    """section, key, the raw value text and its typed value; spaces around key and value are dropped."""
     if "=" not in text:
         raise ConfigError(f"--set {text!r} must look like section.key=value")
-    key, raw = text.split("=", 1)
+    key, raw = (part.strip() for part in text.split("=", 1))
     if key.count(".") != 1:
         raise ConfigError(f"--set {text!r}: key must be section.key, sections: {', '.join(SECTIONS)}")
-    section, name = key.strip().split(".")
+    section, name = (part.strip() for part in key.split("."))
     try:  # TOML syntax gives typed values (1, 0.5, true, [1, 2]); anything else is a string
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw
-    return section, name, value
+    return section, name, raw, value
 
 
 def build_config(raw: dict, source: str = "<dict>") -> Config:
@@ -286,9 +325,9 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
             raise ConfigError(f"{path}: invalid TOML: {e}") from None
     classes = _section_classes()
     for text in overrides:
-        section, name, value = _parse_override(text)
+        section, name, literal, value = _parse_override(text)
         if section in classes and typing.get_type_hints(classes[section]).get(name) is str:
-            value = value if isinstance(value, str) else text.split("=", 1)[1].strip()  # data.root=2024
+            value = value if isinstance(value, str) else literal  # data.val_split=2017
         raw.setdefault(section, {})[name] = value
     if overrides:
         source += " with --set " + " ".join(overrides)
@@ -300,4 +339,4 @@ def config_to_dict(cfg: Config) -> dict:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(tomli_w.dumps(config_to_dict(cfg)))
+    write_atomic(path, tomli_w.dumps(config_to_dict(cfg)))  # resume and predict read it back

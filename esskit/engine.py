@@ -13,14 +13,15 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from esskit import report
 from esskit.checkpoint import checkpoint_step, find_checkpoint, list_checkpoints, load_weights, save_checkpoint
 from esskit.config import Config, load_config, save_config
 from esskit.data import build_dataset
 from esskit.data.transforms import EpochSampler
-from esskit.errors import ConfigError, TrainingError
+from esskit.errors import ConfigError, DataError, TrainingError
+from esskit.files import write_atomic
 from esskit.inference import infer
 from esskit.losses import segmentation_loss
 from esskit.metrics import SegMetrics
@@ -43,23 +44,37 @@ def make_accelerator(cfg: Config) -> Accelerator:
         raise ConfigError(f"train.mixed_precision = {cfg.train.mixed_precision!r}: {e}") from None
 
 
-def model_from_config(cfg: Config) -> torch.nn.Module:
+def model_from_config(cfg: Config, pretrained: bool | None = None) -> torch.nn.Module:
+    """The recipe's model; `pretrained=False` when a checkpoint supplies every weight (fetching
+    ImageNet weights first would only cost a download, and fail offline)."""
+    pretrained = cfg.model.pretrained if pretrained is None else pretrained
     return build_model(cfg.model.backbone, cfg.data.num_classes, cfg.method.name, cfg.model.embed_dim,
-                       cfg.model.norm, cfg.model.pretrained, backbone_bn_momentum=cfg.optim.backbone_bn_momentum)
+                       cfg.model.norm, pretrained, backbone_bn_momentum=cfg.optim.backbone_bn_momentum,
+                       normalize=cfg.method.normalize)
+
+
+def build_split(cfg: Config, key: str, train: bool) -> Dataset:
+    """The dataset of `data.<key>` (train_split or val_split), its loader's errors as one-line DataErrors."""
+    split = getattr(cfg.data, key)
+    try:
+        return build_dataset(cfg.data, split, train=train, seed=cfg.train.seed)
+    except ValueError as e:
+        raise DataError(f"data.{key} = {split!r} cannot be loaded for data.name = {cfg.data.name!r}: {e}") from None
 
 
 def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict | None:
     """Train `cfg` into `run_dir` (continuing its newest checkpoint when `resume`); returns the
     final evaluation, or None when stopped early by a signal or `train.stop_after`."""
     accelerator = make_accelerator(cfg)
-    prepare_run_dir(run_dir, cfg, resume, accelerator.is_main_process)
+    checkpoint = prepare_run_dir(run_dir, cfg, resume, accelerator.is_main_process)
     set_seed(cfg.train.seed)
-    model = model_from_config(cfg)
+    model = model_from_config(cfg, pretrained=False if resume else None)
     if cfg.train.sync_bn and accelerator.num_processes > 1:
         model = convert_sync_batchnorm(model, accelerator.device)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg.train.steps, cfg.optim.warmup_steps)
-    train_set = build_dataset(cfg.data, cfg.data.train_split, train=True, seed=cfg.train.seed)
+    train_set = build_split(cfg, "train_split", train=True)
+    val_set = build_split(cfg, "val_split", train=False)  # now, so that a bad val_split fails before training
     if len(train_set) < cfg.train.batch_size * accelerator.num_processes:
         raise ConfigError(f"train.batch_size = {cfg.train.batch_size} is larger than the training set "
                           f"({len(train_set)} images)")
@@ -71,8 +86,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict | None:
     accelerator.register_for_checkpointing(scheduler)  # stepped by hand: once per optimizer step
 
     start = 0
-    if resume:
-        checkpoint = find_checkpoint(run_dir)
+    if checkpoint:
         accelerator.load_state(str(checkpoint))
         start = checkpoint_step(checkpoint)
         report.info(accelerator, f"resumed from {checkpoint} at step {start}")
@@ -83,36 +97,43 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict | None:
                 f"scaled with the batch), run dir {run_dir}")
     batches = endless_batches(accelerator, loader, start * cfg.train.grad_accum)
     log = report.MetricsLog(run_dir / "metrics.jsonl", accelerator.is_main_process)
+    log.restart(start if checkpoint else None)
     stop = StopSignal()
     steps, accum = cfg.train.steps, cfg.train.grad_accum
     with stop, report.TrainProgress(accelerator, start, steps) as progress:
         for step in range(start, steps):
             model.train()
+            done = step + 1
+            lr = next(g["lr"] for g in optimizer.param_groups if g["name"] == "head")  # this step's base lr
+            sums = None  # [loss, *parts] summed over the micro-batches
             for micro in range(accum):
                 images, target = next(batches)
                 sync = contextlib.nullcontext() if micro == accum - 1 else accelerator.no_sync(model)
                 with sync:
                     loss, parts = segmentation_loss(model(images), target, cfg.method)
                     accelerator.backward(loss / accum)
+                values = torch.stack([v.detach().float() for v in (loss, *parts.values())])
+                sums = values if sums is None else sums + values
+            # All-reduced before the optimizer step: every process sees a non-finite loss of any
+            # micro-batch on any process, and stops at the same step before applying it.
+            means = accelerator.reduce(sums / accum, "mean").tolist()
+            loss_value, parts = means[0], dict(zip(parts, means[1:]))
+            if not math.isfinite(loss_value):
+                raise TrainingError(f"loss is {loss_value} at step {done}; no checkpoint was written for it "
+                                    f"({newest_checkpoint_note(run_dir)}); lower optim.lr or disable "
+                                    f"train.mixed_precision")
             if cfg.optim.clip_grad_norm:
                 accelerator.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad_norm)
             optimizer.step()
             if not accelerator.optimizer_step_was_skipped:  # fp16: GradScaler skips inf-gradient steps
                 scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            done = step + 1
-            loss_value = float(accelerator.reduce(loss.detach(), "mean"))
-            if not math.isfinite(loss_value):
-                raise TrainingError(f"loss is {loss_value} at step {done}; no checkpoint was written for it "
-                                    f"(the last one in {run_dir} is intact); lower optim.lr or disable "
-                                    f"train.mixed_precision")
-            lr = next(g["lr"] for g in optimizer.param_groups if g["name"] == "head")  # the base lr
             progress.update(done, loss_value, lr)
             if done % cfg.train.log_every == 0 or done == steps:
                 log.write({"step": done, "loss": loss_value, "lr": lr, "s_per_step": progress.seconds_per_step,
-                           **{k: float(v) for k, v in parts.items()}})
+                           **parts})
             if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < steps:
-                result = evaluate(accelerator, model, cfg)
+                result = evaluate(accelerator, model, cfg, val_set)
                 log.write({"step": done, "eval": report.scalars(result)})
                 progress.note(f"step {done}: mIoU {result['mIoU']:.4f}")
             stopping = stop.requested or (cfg.train.stop_after and done - start >= cfg.train.stop_after)
@@ -122,9 +143,14 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict | None:
                 report.info(accelerator, f"stopped at step {done}; checkpoint saved, continue with "
                             f"--resume {run_dir}")
                 return None
-    result = evaluate(accelerator, model, cfg)
+    result = evaluate(accelerator, model, cfg, val_set)
     finish_eval(accelerator, run_dir, cfg, result, steps)
     return result
+
+
+def newest_checkpoint_note(run_dir: Path) -> str:
+    found = list_checkpoints(run_dir)
+    return f"the newest one, {found[-1]}, is intact" if found else f"none was saved in {run_dir} yet"
 
 
 def endless_batches(accelerator: Accelerator, loader, start_batch: int):
@@ -139,16 +165,17 @@ def endless_batches(accelerator: Accelerator, loader, start_batch: int):
 
 
 @torch.no_grad()
-def evaluate(accelerator: Accelerator, model: torch.nn.Module, cfg: Config) -> dict:
-    """Metrics over the validation split. Each process takes every world-size-th image (no padding
-    duplicates) and the confusion counts are summed across processes."""
-    dataset = build_dataset(cfg.data, cfg.data.val_split, train=False)
+def evaluate(accelerator: Accelerator, model: torch.nn.Module, cfg: Config, dataset: Dataset) -> dict:
+    """Metrics over `dataset` (the validation split). Each process takes every world-size-th image
+    (no padding duplicates) and the confusion counts are summed across processes."""
     indices = range(len(dataset) if not cfg.eval.max_images else min(cfg.eval.max_images, len(dataset)))
     shard = Subset(dataset, indices[accelerator.process_index::accelerator.num_processes])
-    loader = DataLoader(shard, cfg.eval.batch_size, num_workers=cfg.data.num_workers)
+    # Batches are stacked here, not in the workers: a size mismatch then raises a one-line error.
+    loader = DataLoader(shard, cfg.eval.batch_size, num_workers=cfg.data.num_workers, collate_fn=list)
     metrics = SegMetrics(cfg.data.num_classes, device=accelerator.device)
     model.eval()
-    for images, target in report.eval_progress(accelerator, loader):
+    for batch in report.eval_progress(accelerator, loader):
+        images, target = stack_same_size(batch, cfg)
         images, target = images.to(accelerator.device), target.to(accelerator.device)
         with accelerator.autocast():
             output = infer(model, images, cfg.eval)
@@ -158,10 +185,20 @@ def evaluate(accelerator: Accelerator, model: torch.nn.Module, cfg: Config) -> d
     return {**metrics.compute(), "pixels": metrics.num_pixels, "class_pixels": metrics.target_count.tolist()}
 
 
+def stack_same_size(batch: list, cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images, targets) of one evaluation batch. Padding images of different sizes would change
+    the model's predictions (padded context, image pooling), so they are refused instead."""
+    sizes = sorted({"x".join(map(str, image.shape[-2:])) for image, _ in batch})
+    if len(sizes) > 1:
+        raise DataError(f"eval.batch_size = {cfg.eval.batch_size}, but the images of {cfg.data.name}/"
+                        f"{cfg.data.val_split} differ in size ({', '.join(sizes)}); set eval.batch_size = 1")
+    return torch.stack([image for image, _ in batch]), torch.stack([target for _, target in batch])
+
+
 def finish_eval(accelerator: Accelerator, run_dir: Path, cfg: Config, result: dict, step: int) -> None:
     if accelerator.is_main_process:
         payload = {"step": step, "method": cfg.method.name, "num_classes": cfg.data.num_classes, **result}
-        (run_dir / "eval.json").write_text(json.dumps(report.json_safe(payload), indent=1))
+        write_atomic(run_dir / "eval.json", json.dumps(report.json_safe(payload), indent=1))
         report.MetricsLog(run_dir / "metrics.jsonl", True).write({"step": step, "eval": report.scalars(result)})
         report.metrics_table(result, title=f"{cfg.method.name} · {cfg.data.name} · step {step}")
 
@@ -170,18 +207,21 @@ def evaluate_checkpoint(cfg: Config, checkpoint_path: Path) -> dict:
     """`esskit evaluate`: the recipe's model with the checkpoint's weights on the validation split."""
     checkpoint = find_checkpoint(checkpoint_path)
     accelerator = make_accelerator(cfg)
-    model = model_from_config(cfg)
+    val_set = build_split(cfg, "val_split", train=False)
+    model = model_from_config(cfg, pretrained=False)
     load_weights(model, checkpoint)
     model = accelerator.prepare(model)
-    result = evaluate(accelerator, model, cfg)
+    result = evaluate(accelerator, model, cfg, val_set)
     run_dir = checkpoint.parent
     finish_eval(accelerator, run_dir, cfg, result, checkpoint_step(checkpoint))
     return result
 
 
-def prepare_run_dir(run_dir: Path, cfg: Config, resume: bool, is_main: bool) -> None:
+def prepare_run_dir(run_dir: Path, cfg: Config, resume: bool, is_main: bool) -> Path | None:
     """Check the run directory before any work: writable, not silently overwritten, and on resume
-    holding a run of the same model shape."""
+    holding a run of the same model shape whose checkpoint train.steps has not passed. Returns the
+    checkpoint to resume from."""
+    checkpoint = None
     if resume:
         saved = run_dir / "config.toml"
         if not saved.is_file():
@@ -192,6 +232,10 @@ def prepare_run_dir(run_dir: Path, cfg: Config, resume: bool, is_main: bool) -> 
         if diffs:
             raise ConfigError(f"--resume {run_dir}: the recipe differs from the run in " + ", ".join(
                 f"{k} ({_get(old, k)!r} -> {_get(cfg, k)!r})" for k in diffs))
+        checkpoint = find_checkpoint(run_dir)
+        if cfg.train.steps < (at := checkpoint_step(checkpoint)):
+            raise ConfigError(f"train.steps = {cfg.train.steps} but {checkpoint} is at step {at}; "
+                              f"set train.steps >= {at}")
     elif list_checkpoints(run_dir):
         raise ConfigError(f"run directory {run_dir} already holds checkpoints; continue it with "
                           f"--resume {run_dir} or choose another --out")
@@ -204,6 +248,7 @@ def prepare_run_dir(run_dir: Path, cfg: Config, resume: bool, is_main: bool) -> 
         except OSError as e:
             raise ConfigError(f"run directory {run_dir} is not writable: {e.strerror}") from None
         save_config(cfg, run_dir / "config.toml")
+    return checkpoint
 
 
 def _get(cfg: Config, dotted: str):

@@ -225,7 +225,8 @@ def segmentation_loss(output: dict, target: torch.Tensor, cfg: MethodConfig, knn
     size = target.shape[-2:]
     if cfg.name == "baseline":
         logits = upsample(output["logits"].float(), size)
-        loss = F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX)
+        # a sum over the kept pixels, as ESS: F.cross_entropy's mean is NaN on an all-ignore batch
+        loss = _kept_mean(F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction="sum"), target)
         return loss, {"loss_ce": loss.detach()}
     knn = knn or knn_backend(cfg.knn, cfg.knn_chunk_mib * 2**20)
     emb, class_emb = output["embeddings"].float(), output["class_embeddings"]

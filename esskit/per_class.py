@@ -5,6 +5,7 @@ the mean down)."""
 from __future__ import annotations
 
 import csv
+import io
 import math
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from matplotlib.ticker import MaxNLocator
 from rich.table import Table
 
 from esskit.analyze_plots import plain_log_labels
+from esskit.files import write_atomic
 from esskit.report import console
 
 TABLE_HEAD, TABLE_TAIL = 20, 10  # rows printed for many classes (the CSV has them all)
@@ -47,12 +49,13 @@ def write_per_class(result: dict, names: list[str], out_dir: Path, title: str) -
     """per_class.csv and per_class_miou.png in `out_dir`, and the table on the console."""
     rows = per_class_rows(result, names)
     curve = miou_of_top_classes(rows)
-    with open(out_dir / "per_class.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, ["rank", "class_id", "name", "pixels", "frequency", "IoU", "mIoU_top_n"])
-        writer.writeheader()
-        for row, m in zip(rows, curve):
-            writer.writerow({**row, "frequency": f"{row['frequency']:.6g}", "IoU": _fmt(row["IoU"]),
-                             "mIoU_top_n": _fmt(m)})
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, ["rank", "class_id", "name", "pixels", "frequency", "IoU", "mIoU_top_n"])
+    writer.writeheader()
+    for row, m in zip(rows, curve):
+        writer.writerow({**row, "frequency": f"{row['frequency']:.6g}", "IoU": _fmt(row["IoU"]),
+                         "mIoU_top_n": _fmt(m)})
+    write_atomic(out_dir / "per_class.csv", text.getvalue())
     plot_per_class(rows, curve, out_dir / "per_class_miou.png", title)
     print_table(rows, title, out_dir)
     return rows

@@ -18,6 +18,7 @@ from esskit.checkpoint import find_checkpoint, load_weights
 from esskit.config import Config, load_config
 from esskit.data.images import read_image, write_mask
 from esskit.errors import ConfigError, DataError
+from esskit.files import write_atomic
 from esskit.models import predict_labels
 from esskit.palette import class_names, colorize, palette_for
 
@@ -209,5 +210,5 @@ def run_predict(checkpoint: Path, inputs: list[Path], out: Path, overlay: bool =
                                  progress=lambda done, total: bar.update(task, completed=done))
     summary = {"checkpoint": str(run.checkpoint), "method": run.cfg.method.name,
                "num_classes": run.cfg.data.num_classes, "images": records}
-    (out / "predictions.json").write_text(json.dumps(summary, indent=1))
+    write_atomic(out / "predictions.json", json.dumps(summary, indent=1))
     return records

@@ -11,6 +11,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from esskit.files import write_atomic
+
 console = Console()
 
 
@@ -40,6 +42,22 @@ class MetricsLog:
 
     def __init__(self, path: Path, enabled: bool):
         self.path, self.enabled = path, enabled
+
+    def restart(self, through_step: int | None) -> None:
+        """Start a fresh log, or (on resume) keep the records of steps <= `through_step`: the steps
+        after the resumed checkpoint are trained and logged again, and must not appear twice."""
+        if not self.enabled:
+            return
+        kept = []
+        if through_step is not None and self.path.is_file():
+            for line in self.path.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut short by a crash mid-write
+                if record.get("step", 0) <= through_step:
+                    kept.append(line + "\n")
+        write_atomic(self.path, "".join(kept))
 
     def write(self, record: dict) -> None:
         if self.enabled:

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from esskit.cli import app
 from esskit.config import DataConfig
 from esskit.data import DATASETS, IGNORE_INDEX
-from esskit.data.coco_lvis import STUFF_LUT
+from esskit.data.coco_lvis import STUFF_LUT, build_masks
 from esskit.data.cocostuff import STUFF_NAMES
 from esskit.data.images import read_mask
 from esskit.errors import DataError
@@ -179,9 +179,7 @@ def test_build_rules_resume_and_corrupt_annotation(tmp_path):
     assert np.array_equal(two, expected)
     four = read_mask(out / "000000000004.png")
     assert four[0, 0] == 5 and four[10, 10] == 0
-    classes = json.loads((out / "classes.json").read_text())
-    assert len(classes) == 1285 and classes["0"] == "unlabeled" and classes["1050"] == "table"
-    assert classes["1204"] == "branch" and classes["1284"] == "wood" and classes["7"] == "lvis 7"
+    assert not (out / "classes.json").exists()  # image 3 is missing: not a complete build
 
     Image.fromarray(np.zeros((40, 60), np.uint16)).save(out / "000000000001.png")  # mark as done
     again = build(tmp_path, out)
@@ -198,6 +196,9 @@ def test_build_rules_resume_and_corrupt_annotation(tmp_path):
     assert three[20, 30] == 110 and three[38, 30] == 1217  # blanket -> 110, not chained on to desk-stuff's 1217
     assert three[33, 45] == 110  # LVIS 110 over desk-stuff: an LVIS value is never remapped as a stuff id
     assert not list(out.glob(".*partial"))
+    classes = json.loads((out / "classes.json").read_text())
+    assert len(classes) == 1285 and classes["0"] == "unlabeled" and classes["1050"] == "table"
+    assert classes["1204"] == "branch" and classes["1284"] == "wood" and classes["7"] == "lvis 7"
 
 
 def test_loader_reads_built_masks_and_reports_missing_parts(tmp_path):
@@ -205,8 +206,8 @@ def test_loader_reads_built_masks_and_reports_missing_parts(tmp_path):
     root = tmp_path / "coco"
     cfg = DataConfig(name="coco_lvis", root=str(root), num_classes=1284)
     root.mkdir()
-    with pytest.raises(DataError, match=r"masks/train/classes.json not found; build the masks with "
-                                        r"`esskit build-dataset coco-lvis"):
+    with pytest.raises(DataError, match=r"masks/train/classes.json not found .*; \(re\)run `esskit "
+                                        r"build-dataset coco-lvis"):
         DATASETS["coco_lvis"](cfg, "train")
     assert build(tmp_path, root / "masks" / "train").exit_code == 0
     write_images(root, [1, 2, 3])
@@ -236,3 +237,41 @@ def test_wrong_annotation_files_are_refused(tmp_path):
     missing = CliRunner().invoke(app, ["build-dataset", "coco-lvis", "--lvis-json", str(tmp_path / "nope.json"),
                                        "--stuff-json", str(stuff_json), "--out", str(tmp_path / "out")])
     assert missing.exit_code == 2 and "nope.json not found" in missing.output
+
+
+def test_interrupted_build_is_refused_until_rerun(tmp_path):
+    """classes.json is written after the last mask: a half-built folder, or one whose rebuild was
+    interrupted, is refused by the loader instead of training on the masks it happens to hold."""
+    lvis_json, stuff_json = write_fixture(tmp_path, corrupt=False)
+    root = tmp_path / "coco"
+    out = root / "masks" / "train"
+    write_images(root, [1, 2, 3, 4])
+    cfg = DataConfig(name="coco_lvis", root=str(root), num_classes=1284)
+
+    def interrupt(done, total, errors):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # stopped after its first mask
+        build_masks(lvis_json, [stuff_json], out, workers=1, progress=interrupt)
+    assert len(list(out.glob("*.png"))) == 1 and not (out / "classes.json").exists()
+    with pytest.raises(DataError, match=r"classes.json not found .*build did not finish.*\(re\)run"):
+        DATASETS["coco_lvis"](cfg, "train")
+    assert build(tmp_path, out).exit_code == 0  # the rerun keeps that mask and completes the folder
+    assert len(DATASETS["coco_lvis"](cfg, "train")) == 4
+    (out / "000000000001.png").unlink()
+    with pytest.raises(KeyboardInterrupt):  # a rebuild over a complete folder, interrupted
+        build_masks(lvis_json, [stuff_json], out, workers=1, progress=interrupt)
+    with pytest.raises(DataError, match="classes.json not found"):
+        DATASETS["coco_lvis"](cfg, "train")
+
+
+def test_classes_json_is_written_atomically(tmp_path, monkeypatch):
+    import esskit.data.coco_lvis
+    import esskit.files
+
+    atomic = []
+    monkeypatch.setattr(esskit.data.coco_lvis, "write_atomic",
+                        lambda path, text: (atomic.append(path), esskit.files.write_atomic(path, text)))
+    lvis_json, stuff_json = write_fixture(tmp_path, corrupt=False)
+    build_masks(lvis_json, [stuff_json], tmp_path / "out", workers=1)
+    assert atomic == [tmp_path / "out" / "classes.json"]

@@ -234,3 +234,91 @@ def test_accuracy_study_applies_every_ablation_recipe_to_the_synthetic_data():
         (7, "nearest", 25), (7, "random", 25)]
     every = rows + study.schedule_rows() + study.figure4_rows() + study.knob_rows() + study.convergence_rows()
     assert len({name for _, name, _ in every}) == len(every)
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("optim.lr=nan", "optim.lr"),
+    ("method.tau=nan", "method.tau"),
+    ("method.margin=nan", "method.margin"),          # allow_zero fields too
+    ("optim.clip_grad_norm=inf", "optim.clip_grad_norm"),
+    ("data.scale_range=[0.5, inf]", "data.scale_range"),
+    ("data.mean=[0.5, nan, 0.5]", "data.mean"),
+    ("data.std=[0, 1, 1]", "data.std"),               # the normalisation would divide by zero
+    ("data.std=[-0.2, 1, 1]", "data.std"),
+    ("data.std=[nan, 1, 1]", "data.std"),
+    ("data.synthetic_image_size=4", "data.synthetic_image_size"),
+])
+def test_non_finite_and_unusable_numbers_are_refused(override, needle):
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")) as err:
+        load_config(None, [override])
+    assert "\n" not in str(err.value)
+
+
+def test_synthetic_image_size_bound_is_the_dataset_s():
+    from esskit.config import SYNTHETIC_MIN_IMAGE_SIZE
+    from esskit.data.synthetic import SyntheticSegmentation
+
+    size = SYNTHETIC_MIN_IMAGE_SIZE
+    assert load_config(None, [f"data.synthetic_image_size={size}"]).data.synthetic_image_size == size
+    assert SyntheticSegmentation(3, 1, image_size=size)[0][0].shape == (3, size, size)
+    with pytest.raises(ValueError, match="image_size"):
+        SyntheticSegmentation(3, 1, image_size=size - 1)
+
+
+def test_slide_stride_must_not_exceed_crop():
+    with pytest.raises(ConfigError, match=r"eval\.stride = \[341, 1025\] must be <= eval\.crop"):
+        load_config(None, ["eval.mode=slide", "eval.stride=[341, 1025]"])
+    with pytest.raises(ConfigError, match=r"eval\.stride"):
+        load_config(None, ["eval.mode=slide", "eval.crop=[64, 64]", "eval.stride=[65, 32]"])
+    cfg = load_config(None, ["eval.mode=slide", "eval.crop=[64, 64]", "eval.stride=[64, 32]"])
+    assert cfg.eval.stride == [64, 32]
+    assert load_config(None, ["eval.stride=[600, 600]"]).eval.mode == "whole"  # unused outside slide
+
+
+def test_set_strips_spaces_around_key_and_value():
+    cfg = load_config(None, ["data.root= /x", "method.name = ess_full", " train.steps =7 ", "data.val_split= 2017",
+                             'train.out_dir=" runs/a "'])
+    assert cfg.data.root == "/x" and cfg.method.name == "ess_full" and cfg.train.steps == 7
+    assert cfg.data.val_split == "2017"
+    assert cfg.train.out_dir == " runs/a "  # a quoted TOML string keeps what the quotes hold
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("method.negatives=random", r"method\.negatives = 'random'"),
+    ("method.normalize=false", r"method\.normalize = False"),
+    ("method.tau=0.1", r"method\.tau = 0\.1"),
+])
+def test_essnet_refuses_settings_it_ignores(override, needle):
+    with pytest.raises(ConfigError, match=needle + ".*essnet") as err:
+        load_config(None, ["method.variant=essnet", override])
+    assert "\n" not in str(err.value)
+    load_config(None, ["method.variant=paper", override])  # the paper variant uses them
+    # ess_full (exact softmax) uses tau and normalize whatever the variant; baseline uses none of them
+    assert load_config(None, ["method.variant=essnet", "method.name=ess_full", "method.tau=0.1"]).method.tau == 0.1
+    assert load_config(None, ["method.variant=essnet", "method.tau=0.05"]).method.variant == "essnet"
+
+
+def test_hf_void_value_inside_the_class_range_is_refused():
+    many = ["data.name=hf", "data.num_classes=300"]
+    with pytest.raises(ConfigError, match=r"data\.mask_void_value = 255 is the stored value of class 255"):
+        load_config(None, many)
+    with pytest.raises(ConfigError, match=r"class 254 .*data\.mask_label_offset = 1"):
+        load_config(None, [*many, "data.mask_label_offset=1"])
+    for ok in ("data.mask_void_value=-1", "data.mask_void_value=300", "data.mask_void_value=65535"):
+        assert load_config(None, [*many, ok]).data.num_classes == 300
+    ade = load_config(None, [*many, "data.mask_void_value=0", "data.mask_label_offset=1"])  # 0 = void, v -> v-1
+    assert ade.data.mask_void_value == 0
+    assert load_config(None, ["data.name=hf", "data.num_classes=150"]).data.mask_void_value == 255
+    # only the hf loader reads mask_void_value: the other datasets keep the default
+    assert load_config(None, ["data.name=coco_lvis", "data.num_classes=1284"]).data.mask_void_value == 255
+
+
+def test_save_config_is_atomic(tmp_path, monkeypatch):
+    """config.toml is read back by --resume and predict: an interrupted save keeps the old file."""
+    import esskit.config
+
+    written = []
+    monkeypatch.setattr(esskit.config, "write_atomic", lambda path, text: written.append((Path(path), text)))
+    save_config(Config(), tmp_path / "config.toml")
+    assert [p for p, _ in written] == [tmp_path / "config.toml"] and not (tmp_path / "config.toml").exists()
+    assert build_config(tomllib.loads(written[0][1])) == Config()

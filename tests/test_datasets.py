@@ -327,9 +327,13 @@ def test_hf_errors_and_hub_routing(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **kw: calls.append((a, kw)) or
                         datasets.Dataset.from_dict({"image": images, "label": masks}))
-    raw = DATASETS["hf"](data_cfg(name="hf", root="owner/segments", hf_config="full", num_classes=400), "train")
+    # 400 classes: the default void value 255 would be class 255, so the recipe must name one (-1 = none)
+    raw = DATASETS["hf"](data_cfg(name="hf", root="owner/segments", hf_config="full", num_classes=400,
+                                  mask_void_value=-1), "train")
     assert calls == [(("owner/segments", "full"), {"split": "train"})] and len(raw) == 1
-    assert_labels(raw[0][1], [0, 1, 300])  # defaults: void 255, no offset
+    assert_labels(raw[0][1], [0, 1, 300])  # no void value, no offset
+    with pytest.raises(ConfigError, match=r"data\.mask_void_value = 255 is the stored value of class 255"):
+        data_cfg(name="hf", num_classes=400)
     monkeypatch.setitem(__import__("sys").modules, "datasets", None)  # as if not installed
     with pytest.raises(DataError, match=r"needs the optional package `datasets`: pip install 'esskit\[hf\]'"):
         DATASETS["hf"](data_cfg(name="hf", root="owner/segments"), "train")

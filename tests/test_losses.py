@@ -236,6 +236,12 @@ def test_segmentation_loss_baseline_is_upsampled_cross_entropy():
     expected = F.cross_entropy(up, target, ignore_index=-1)
     torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
     assert "loss_ce" in parts
+    # a batch of ignore pixels only: 0, not F.cross_entropy's NaN mean, and still a graph
+    logits.requires_grad_(True)
+    loss, _ = segmentation_loss({"logits": logits}, torch.full_like(target, IGNORE_INDEX), MethodConfig(name="baseline"))
+    assert loss.item() == 0.0
+    loss.backward()
+    assert torch.all(logits.grad == 0)
 
 
 def test_segmentation_loss_ess_paper_matches_reference():

@@ -43,7 +43,7 @@ def test_output_keys_and_shapes_at_stride_4(backbone, method):
         assert set(out) == {"logits"}
         assert out["logits"].shape == (2, C, SIZE // 4, SIZE // 4)
     else:
-        assert set(out) == {"embeddings", "class_embeddings"}
+        assert set(out) == {"embeddings", "class_embeddings", "normalize"} and out["normalize"] is True
         assert out["embeddings"].shape == (2, 7, SIZE // 4, SIZE // 4)
         ce = out["class_embeddings"]
         assert ce.shape == (C, 7)
@@ -208,6 +208,17 @@ def test_predict_labels_ess_is_argmin_to_normalised_class_embeddings():
     # class-embedding norms must not matter (scaled class 3 does not win everywhere)
     unnormalised = torch.cdist(pix, mu).argmin(1)
     assert not torch.equal(ref, unnormalised)
+
+
+def test_predict_labels_without_normalisation_is_nearest_in_raw_l2():
+    # method.normalize = false trains -|x - mu|^2 / tau on raw vectors: x = (2, 0) is nearer (L2) to
+    # (1.9, 0.5) than to (3, 0), though (3, 0) has its direction
+    emb = torch.tensor([2.0, 0.0]).view(1, 2, 1, 1)
+    mu = torch.tensor([[3.0, 0.0], [1.9, 0.5]])
+    assert predict_labels({"embeddings": emb, "class_embeddings": mu, "normalize": False}, (1, 1)).item() == 1
+    assert predict_labels({"embeddings": emb, "class_embeddings": mu, "normalize": True}, (1, 1)).item() == 0
+    head = build_model("resnet18", C, "ess", embed_dim=7, normalize=False).head
+    assert head(torch.randn(1, 256, 2, 2))["normalize"] is False
 
 
 def test_predict_labels_baseline_is_argmax_of_upsampled_logits():

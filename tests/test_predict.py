@@ -90,10 +90,16 @@ def assert_best(labels: np.ndarray, cost: np.ndarray) -> None:
 
 
 @pytest.mark.parametrize("method", ["ess", "baseline"])
-def test_predict_writes_masks_matching_brute_force(tmp_path, method, request):
+def test_predict_writes_masks_matching_brute_force(tmp_path, method, request, monkeypatch):
+    import esskit.files
+    import esskit.predict
+
     run = request.getfixturevalue(f"{method}_run")
     images = save_images(tmp_path / "images")
     out = tmp_path / "out"
+    atomic = []  # predictions.json is replaced whole, never left half-written
+    monkeypatch.setattr(esskit.predict, "write_atomic",
+                        lambda path, text: (atomic.append(Path(path)), esskit.files.write_atomic(path, text)))
     result = runner.invoke(app, ["predict", "--checkpoint", str(run), str(tmp_path / "images"), "--out", str(out),
                                  "--overlay", "--batch-size", "2"])
     assert result.exit_code == 0, result.output
@@ -108,6 +114,7 @@ def test_predict_writes_masks_matching_brute_force(tmp_path, method, request):
         overlay = Image.open(out / f"{name}_overlay.png")
         assert overlay.width > labels.shape[1] and overlay.height >= labels.shape[0]  # legend on the right
     summary = json.loads((out / "predictions.json").read_text())
+    assert atomic == [out / "predictions.json"]
     assert [r["image"] for r in summary["images"]] == ["a", "sub/b", "z"]
     fractions = [c["fraction"] for c in summary["images"][0]["classes"]]
     assert fractions == sorted(fractions, reverse=True) and sum(fractions) == pytest.approx(1, abs=1e-4)

@@ -22,6 +22,7 @@ import numpy as np
 
 from esskit.data.images import PairDataset, check_num_classes, require_root, shift_lut, write_mask
 from esskit.errors import DataError
+from esskit.files import write_atomic
 
 LAYOUT = ("train2017/*.jpg and val2017/*.jpg (COCO 2017 images) and masks/{split}/*.png + "
           "masks/{split}/classes.json (written by `esskit build-dataset coco-lvis`)")
@@ -62,9 +63,10 @@ def load(cfg, split: str) -> PairDataset:
     mask_dir = root / "masks" / split
     classes_file = mask_dir / "classes.json"
     if not classes_file.is_file():
-        raise DataError(f"coco_lvis: {classes_file} not found; build the masks with `esskit build-dataset "
-                        f"coco-lvis --lvis-json lvis_v1_{split}.json --stuff-json stuff_train2017.json "
-                        f"--stuff-json stuff_val2017.json --out {mask_dir}`; expected {LAYOUT}")
+        raise DataError(f"coco_lvis: {classes_file} not found (written last, so the masks were never built "
+                        f"or their build did not finish); (re)run `esskit build-dataset coco-lvis --lvis-json "
+                        f"lvis_v1_{split}.json --stuff-json stuff_train2017.json --stuff-json "
+                        f"stuff_val2017.json --out {mask_dir}`, which keeps finished masks; expected {LAYOUT}")
     classes = json.loads(classes_file.read_text())
     names = [classes[str(v)] for v in range(1, len(classes))]  # value v is class v-1
     check_num_classes(cfg, "coco_lvis", names)
@@ -222,8 +224,9 @@ def class_names(lvis: dict, stuff_files: list[dict], lvis_path: Path, stuff_path
 
 def build_masks(lvis_json: Path, stuff_jsons: list[Path], out: Path, workers: int = 0,
                 progress=None) -> BuildReport:
-    """Write out/<image id:012d>.png for every image of `lvis_json` and out/classes.json; skips
-    masks already written. `progress(done, total, errors)` is called after each image."""
+    """Write out/<image id:012d>.png for every image of `lvis_json`, then out/classes.json once every
+    mask is there: its presence marks a complete build, which the loader requires. Skips masks already
+    written. `progress(done, total, errors)` is called after each image."""
     if not stuff_jsons:
         raise DataError("coco-lvis needs at least one --stuff-json (stuff_train2017.json)")
     workers = workers or os.cpu_count() or 1
@@ -234,7 +237,7 @@ def build_masks(lvis_json: Path, stuff_jsons: list[Path], out: Path, workers: in
         stuff_files = [_read_json(p, "COCO-Stuff") for p in stuff_jsons]
         names = class_names(lvis, stuff_files, lvis_json, list(stuff_jsons))
         out.mkdir(parents=True, exist_ok=True)
-        (out / "classes.json").write_text(json.dumps(names, indent=0))
+        (out / "classes.json").unlink(missing_ok=True)  # an earlier build's: this one is not complete yet
 
         stuff_by_image, lvis_by_image = defaultdict(list), defaultdict(list)
         for stuff in stuff_files:
@@ -263,6 +266,8 @@ def build_masks(lvis_json: Path, stuff_jsons: list[Path], out: Path, workers: in
         if pool:
             pool.close()
             pool.join()
+        if not report.failed:
+            write_atomic(out / "classes.json", json.dumps(names, indent=0))
         return report
     finally:
         if pool:

@@ -12,6 +12,7 @@ from functools import cached_property
 import numpy as np
 import torch
 
+from esskit.config import SYNTHETIC_MIN_IMAGE_SIZE
 from esskit.data import IGNORE_INDEX
 
 SPLITS = ("train", "val")
@@ -56,8 +57,8 @@ class SyntheticSegmentation(torch.utils.data.Dataset):
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         if length < 0:
             raise ValueError(f"length must be >= 0, got {length}")
-        if image_size < 8:
-            raise ValueError(f"image_size must be >= 8, got {image_size}")
+        if image_size < SYNTHETIC_MIN_IMAGE_SIZE:  # checked by DataConfig too, before a run starts
+            raise ValueError(f"image_size must be >= {SYNTHETIC_MIN_IMAGE_SIZE}, got {image_size}")
         if seed < 0:
             raise ValueError(f"seed must be >= 0 (numpy SeedSequence), got {seed}")
         self.num_classes, self.length, self.image_size = num_classes, length, image_size

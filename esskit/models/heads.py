@@ -26,27 +26,32 @@ class ClassifierHead(nn.Module):
 
 
 class EmbeddingHead(nn.Module):
-    """ESS: 1x1 conv to d channels plus the learnable class embeddings [C, d] (paper Fig. 2)."""
+    """ESS: 1x1 conv to d channels plus the learnable class embeddings [C, d] (paper Fig. 2).
+    `normalize` (method.normalize) tells `predict_labels` the distance the loss trained: between
+    unit vectors, or between the raw ones (Table 3's ablation)."""
 
-    def __init__(self, in_channels: int, num_classes: int, embed_dim: int):
+    def __init__(self, in_channels: int, num_classes: int, embed_dim: int, normalize: bool = True):
         super().__init__()
+        self.normalize = normalize
         self.proj = nn.Conv2d(in_channels, embed_dim, 1)
         # Unit vectors spread uniformly on the sphere: no class starts close to another.
         self.class_embeddings = nn.Parameter(F.normalize(torch.randn(num_classes, embed_dim), dim=1))
 
     def forward(self, x: torch.Tensor) -> dict:
         # Passing the class embeddings through forward lets DDP see them as used parameters.
-        return {"embeddings": self.proj(x), "class_embeddings": self.class_embeddings}
+        return {"embeddings": self.proj(x), "class_embeddings": self.class_embeddings, "normalize": self.normalize}
 
 
 @torch.no_grad()
 def predict_labels(output: dict, size) -> torch.Tensor:
     """Per-pixel class ids [B, H, W] at `size`: argmax for the baseline, nearest class embedding
-    for ESS (chunked exact search, no [pixels, C] tensor)."""
+    for ESS (chunked exact search, no [pixels, C] tensor), in the distance its loss trained."""
     if "logits" in output:
         return upsample(output["logits"].float(), size).argmax(1)
     emb = upsample(output["embeddings"].float(), size)
     b, _, h, w = emb.shape
-    mu = F.normalize(output["class_embeddings"].float(), dim=1)
-    _, idx = knn_exact(F.normalize(pixels_last(emb), dim=1), mu, 1)
+    x, mu = pixels_last(emb), output["class_embeddings"].float()
+    if output.get("normalize", True):
+        x, mu = F.normalize(x, dim=1), F.normalize(mu, dim=1)
+    _, idx = knn_exact(x, mu, 1)
     return idx.view(b, h, w)

@@ -1,0 +1,153 @@
+"""Trainer failure modes and run-directory bookkeeping, through the CLI on tiny synthetic runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from test_engine import RECIPE, esskit
+
+import esskit.engine as engine
+
+TINY = ["train.steps=2", "train.batch_size=2", "data.crop=[32,32]", "data.base_size=[32,32]",
+        "data.synthetic_image_size=32", "data.synthetic_train_size=4", "data.synthetic_val_size=2",
+        "train.log_every=1", "eval.batch_size=2", "model.pretrained=false"]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def train(run: Path, *extra: str, resume: bool = False):
+    return esskit("train", str(RECIPE), "--resume" if resume else "--out", str(run), overrides=TINY + list(extra))
+
+
+def records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def checkpoints(run: Path) -> list[str]:
+    return sorted(p.name for p in run.glob("checkpoint-*"))
+
+
+def one_line_error(result, *parts: str) -> None:
+    """The command failed with one `error:` line holding every part (after any training output)."""
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith("error: ") and all(part in last for part in parts), result.output
+
+
+def nan_at_call(monkeypatch, nan_call: int) -> list[float]:
+    """Make the `nan_call`-th loss (1-based, one per micro-batch) NaN; returns the losses seen."""
+    real_loss, seen = engine.segmentation_loss, []
+
+    def loss(output, target, cfg):
+        value, parts = real_loss(output, target, cfg)
+        value = value * float("nan") if len(seen) + 1 == nan_call else value
+        seen.append(float(value.detach()))
+        return value, parts
+
+    monkeypatch.setattr(engine, "segmentation_loss", loss)
+    return seen
+
+
+def test_nan_in_an_earlier_micro_batch_stops_before_the_step(tmp_path, monkeypatch):
+    nan_at_call(monkeypatch, 3)  # step 2's first of two micro-batches
+    run = tmp_path / "run"
+    result = train(run, "train.grad_accum=2", "train.save_every=1")
+    one_line_error(result, "loss is nan at step 2", f"the newest one, {run / 'checkpoint-00000001'}, is intact")
+    assert checkpoints(run) == ["checkpoint-00000001"]
+
+
+def test_nan_before_any_checkpoint_says_none_was_saved(tmp_path, monkeypatch):
+    nan_at_call(monkeypatch, 1)
+    result = train(tmp_path / "run")
+    one_line_error(result, "loss is nan at step 1", "none was saved")
+
+
+def test_logged_loss_and_lr_are_those_of_the_step(tmp_path, monkeypatch):
+    seen = nan_at_call(monkeypatch, 0)  # never NaN: only records the micro-batch losses
+    run = tmp_path / "run"
+    assert train(run, "train.grad_accum=2", "optim.warmup_steps=0", "optim.lr=0.002").exit_code == 0
+    steps = [r for r in records(run) if "loss" in r]
+    assert [r["loss"] for r in steps] == pytest.approx([sum(seen[:2]) / 2, sum(seen[2:]) / 2], rel=1e-6)
+    # poly schedule over 2 steps, power 0.9: step 1 runs at the base lr, step 2 at half of it ** 0.9
+    assert [r["lr"] for r in steps] == pytest.approx([0.002, 0.002 * 0.5 ** 0.9])
+
+
+def test_bad_val_split_fails_before_training(tmp_path):
+    run = tmp_path / "run"
+    one_line_error(train(run, "data.val_split=test"), "data.val_split = 'test'")
+    assert not checkpoints(run)
+
+
+def test_eval_batch_of_different_image_sizes_asks_for_batch_size_1(tmp_path, monkeypatch):
+    from esskit import data
+    from esskit.data.synthetic import SyntheticSegmentation
+
+    real = data.DATASETS["synthetic"]
+
+    def val_of_two_sizes(cfg, split):
+        if split == "train":
+            return real(cfg, split)
+        return torch.utils.data.ConcatDataset([SyntheticSegmentation(cfg.num_classes, 1, size, split)
+                                               for size in (32, 40)])
+
+    monkeypatch.setitem(data.DATASETS, "synthetic", val_of_two_sizes)
+    run = tmp_path / "run"
+    one_line_error(train(run, "train.steps=1"), "eval.batch_size = 2", "32x32, 40x40", "set eval.batch_size = 1")
+    assert esskit("evaluate", str(RECIPE), "--checkpoint", str(run),
+                  overrides=TINY + ["eval.batch_size=1"]).exit_code == 0
+    assert json.loads((run / "eval.json").read_text())["pixels"] > 32 * 32
+
+
+def test_resume_with_fewer_steps_than_the_checkpoint_is_refused(tmp_path):
+    run = tmp_path / "run"
+    assert train(run).exit_code == 0
+    before = {name: (run / name).read_bytes() for name in ("config.toml", "eval.json", "metrics.jsonl")}
+    one_line_error(train(run, "train.steps=1", resume=True),
+                   f"train.steps = 1 but {run / 'checkpoint-00000002'} is at step 2; set train.steps >= 2")
+    assert {name: (run / name).read_bytes() for name in before} == before
+
+
+def test_checkpoint_of_another_model_names_the_parameter(tmp_path):
+    run = tmp_path / "run"
+    assert train(run, "train.steps=1").exit_code == 0
+    result = esskit("evaluate", str(RECIPE), "--checkpoint", str(run), overrides=TINY + ["data.num_classes=20"])
+    one_line_error(result, "is [19, 32] in the checkpoint but [20, 32] in the model",
+                   f"must match {run / 'config.toml'}", "data.num_classes")
+
+
+def test_weights_from_a_checkpoint_skip_the_imagenet_download(tmp_path, monkeypatch):
+    real_build, asked = engine.build_model, []
+
+    def build_offline(*args, **kwargs):
+        asked.append(args[5])  # pretrained
+        return real_build(*args[:5], False, *args[6:], **kwargs)
+
+    monkeypatch.setattr(engine, "build_model", build_offline)
+    run = tmp_path / "run"
+    assert train(run, "train.stop_after=1").exit_code == 0
+    assert train(run, "model.pretrained=true", resume=True).exit_code == 0
+    result = esskit("evaluate", str(RECIPE), "--checkpoint", str(run), overrides=TINY + ["model.pretrained=true"])
+    assert result.exit_code == 0, result.output
+    assert asked == [False, False, False]
+
+
+def test_metrics_log_starts_fresh_and_resume_drops_steps_after_the_checkpoint(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 99, "loss": 1.0}) + "\n")  # an older run's
+    assert train(run, "train.steps=4", "train.save_every=2", "train.keep_checkpoints=3").exit_code == 0
+    assert [r["step"] for r in records(run)] == [1, 2, 3, 4, 4]  # four steps, then the final evaluation
+    # A crash after step 4 was logged, before its checkpoint: the resume retrains steps 3 and 4.
+    for path in (run / "checkpoint-00000004").iterdir():
+        path.unlink()
+    (run / "checkpoint-00000004").rmdir()
+    (run / "eval.json").unlink()
+    written = []
+    monkeypatch.setattr(engine, "write_atomic", lambda path, text: written.append(Path(path).name))
+    assert train(run, "train.steps=4", "train.save_every=2", "train.keep_checkpoints=3", resume=True).exit_code == 0
+    assert [(r["step"], "eval" in r) for r in records(run)] == [(1, False), (2, False), (3, False), (4, False),
+                                                                (4, True)]
+    assert written == ["eval.json"]  # atomically, never half a file
