@@ -23,8 +23,9 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, keep: in
     the newest `keep`. Call on every process."""
     final = run_dir / f"{PREFIX}{step:08d}"
     tmp = run_dir / f".tmp-{PREFIX}{step:08d}"
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
+    if accelerator.is_main_process:  # this save's leftover, and any an earlier crash left at another step
+        for stale in run_dir.glob(f".tmp-{PREFIX}*"):
+            shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=True)
     if accelerator.is_main_process:

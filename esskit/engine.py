@@ -115,9 +115,11 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict | None:
                 values = torch.stack([v.detach().float() for v in (loss, *parts.values())])
                 sums = values if sums is None else sums + values
             # All-reduced before the optimizer step: every process sees a non-finite loss of any
-            # micro-batch on any process, and stops at the same step before applying it.
-            means = accelerator.reduce(sums / accum, "mean").tolist()
-            loss_value, parts = means[0], dict(zip(parts, means[1:]))
+            # micro-batch on any process, and stops at the same step before applying it; so with a
+            # stop signal that reached only some processes (they must all save the checkpoint).
+            stop_flag = sums.new_tensor([float(stop.requested)])
+            means = accelerator.reduce(torch.cat([sums / accum, stop_flag]), "mean").tolist()
+            loss_value, parts, stop_any = means[0], dict(zip(parts, means[1:-1])), means[-1] > 0
             if not math.isfinite(loss_value):
                 raise TrainingError(f"loss is {loss_value} at step {done}; no checkpoint was written for it "
                                     f"({newest_checkpoint_note(run_dir)}); lower optim.lr or disable "
@@ -136,7 +138,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict | None:
                 result = evaluate(accelerator, model, cfg, val_set)
                 log.write({"step": done, "eval": report.scalars(result)})
                 progress.note(f"step {done}: mIoU {result['mIoU']:.4f}")
-            stopping = stop.requested or (cfg.train.stop_after and done - start >= cfg.train.stop_after)
+            stopping = stop_any or (cfg.train.stop_after and done - start >= cfg.train.stop_after)
             if stopping or done == steps or (cfg.train.save_every and done % cfg.train.save_every == 0):
                 save_checkpoint(accelerator, run_dir, done, cfg.train.keep_checkpoints)
             if stopping and done < steps:

@@ -19,6 +19,7 @@ from esskit.config import Config, load_config
 from esskit.data.images import read_image, write_mask
 from esskit.errors import ConfigError, DataError
 from esskit.files import write_atomic
+from esskit.inference import infer
 from esskit.models import predict_labels
 from esskit.palette import class_names, colorize, palette_for
 
@@ -125,7 +126,7 @@ def _predict_batch(run: Run, transform, pending: list, out: Path, overlay: bool)
     batch = torch.stack([transform(tv_tensors.Image(img)).as_subclass(torch.Tensor) for _, _, img in pending])
     batch = batch.to(run.accelerator.device)
     with run.accelerator.autocast():
-        output = run.model(batch)
+        output = infer(run.model, batch, run.cfg.eval)  # eval.mode "slide" as `evaluate` runs it
     labels = predict_labels(output, batch.shape[-2:]).cpu().numpy()
     return [write_prediction(run, name, img, lab, out, overlay) for (_, name, img), lab in zip(pending, labels)]
 

@@ -151,3 +151,12 @@ def test_metrics_log_starts_fresh_and_resume_drops_steps_after_the_checkpoint(tm
     assert [(r["step"], "eval" in r) for r in records(run)] == [(1, False), (2, False), (3, False), (4, False),
                                                                 (4, True)]
     assert written == ["eval.json"]  # atomically, never half a file
+
+
+def test_a_crashed_save_leaves_no_temporary_checkpoint_behind(tmp_path):
+    # what a process killed mid-save leaves: a partial .tmp-checkpoint at a step the run never saves again
+    run = tmp_path / "run"
+    (run / ".tmp-checkpoint-00000007").mkdir(parents=True)
+    (run / ".tmp-checkpoint-00000007" / "model.safetensors").write_bytes(b"partial")
+    assert train(run).exit_code == 0
+    assert checkpoints(run) == ["checkpoint-00000002"] and not list(run.glob(".tmp-*"))

@@ -121,6 +121,44 @@ def test_predict_writes_masks_matching_brute_force(tmp_path, method, request, mo
     assert summary["images"][0]["classes"][0]["name"].startswith("class_")
 
 
+@torch.no_grad()
+def test_predict_slides_windows_as_evaluate_does(tmp_path, ess_run):
+    # a run whose recipe evaluates in 32 x 32 windows (stride 16): predict must average the same windows.
+    # Random weights, whose labels vary from pixel to pixel (2 steps of training leave one class everywhere).
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from esskit.config import save_config
+
+    run = tmp_path / "run"
+    shutil.copytree(ess_run, run)
+    config = load_config(run / "config.toml", ["eval.mode=slide", "eval.crop=[32,32]", "eval.stride=[16,16]"])
+    save_config(config, run / "config.toml")
+    torch.manual_seed(0)
+    model = model_from_config(config).eval()
+    save_file(model.state_dict(), sorted(run.glob("checkpoint-*"))[-1] / "model.safetensors")
+    image = save_images(tmp_path / "images")[0]
+    result = runner.invoke(app, ["predict", "--checkpoint", str(run), str(image), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    rgb = torch.from_numpy(np.array(Image.open(image).convert("RGB"))).permute(2, 0, 1).float() / 255
+    x = ((rgb - torch.tensor(config.data.mean)[:, None, None]) / torch.tensor(config.data.std)[:, None, None])[None]
+    total, count = 0, torch.zeros(64, 64)
+    for top in (0, 16, 32):
+        for left in (0, 16, 32):
+            out = model(x[..., top:top + 32, left:left + 32])
+            window = torch.zeros(1, out["embeddings"].shape[1], 64, 64)
+            window[..., top:top + 32, left:left + 32] = F.interpolate(out["embeddings"], size=(32, 32), mode="bilinear")
+            total, count[top:top + 32, left:left + 32] = total + window, count[top:top + 32, left:left + 32] + 1
+    emb = F.normalize((total / count)[0].flatten(1).T, dim=1)
+    cost = torch.cdist(emb, F.normalize(out["class_embeddings"], dim=1)).view(64, 64, -1).numpy()
+    labels = np.asarray(Image.open(tmp_path / "out" / "a_labels.png"))
+    assert_best(labels, cost)
+    whole = F.interpolate(model(x)["embeddings"], size=(64, 64), mode="bilinear")[0].flatten(1).T
+    whole = torch.cdist(F.normalize(whole, dim=1), F.normalize(out["class_embeddings"], dim=1)).argmin(1).view(64, 64)
+    assert (labels != whole.numpy()).any()  # the whole-image prediction would not pass
+
+
 def test_predict_16bit_labels_above_255_classes(tmp_path_factory, tmp_path):
     run = trained_run(tmp_path_factory, "c300", "data.num_classes=300", "method.k=4")
     image = save_images(tmp_path / "images")[0]
