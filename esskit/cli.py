@@ -127,20 +127,26 @@ def list_datasets():
 @app.command()
 def profile(recipe: Annotated[Optional[Path], typer.Argument(help="Optional recipe for the other settings "
                                                              "(method.k, model.embed_dim, ...)")] = None,
-            classes: Annotated[str, typer.Option(help="Class counts C, comma-separated")] = "19,150,1284",
-            methods: Annotated[str, typer.Option(help="Methods, comma-separated: baseline, ess, ess_full")] = "baseline,ess",
+            classes: Annotated[Optional[str], typer.Option(help="Class counts C, comma-separated (default: the "
+                                                           "recipe's profile.classes, else 19,150,1284)")] = None,
+            methods: Annotated[Optional[str], typer.Option(help="Methods, comma-separated: baseline, ess, ess_full "
+                                                           "(default: profile.methods, else baseline,ess)")] = None,
             backbone: Annotated[Optional[str], typer.Option(help="timm backbone (default: the recipe's, "
                                                             "else resnet50)")] = None,
             crop: Annotated[Optional[str], typer.Option(help="Training crop SIZE or HxW (default: the "
                                                         "recipe's, else 512)")] = None,
-            budget_gib: Annotated[float, typer.Option(help="GPU memory budget in GiB (the paper's 12 GB card)")] = 12.0,
+            budget_gib: Annotated[Optional[float], typer.Option(help="GPU memory budget in GiB (default: "
+                                                                "profile.budget_gib, 12: the paper's 12 GB card)")] = None,
             mixed_precision: Annotated[Optional[str], typer.Option(help="no, fp16 or bf16 (default: the "
                                                                    "recipe's, else no)")] = None,
             device: Annotated[Optional[str], typer.Option(help="cuda: measure on the GPU; meta: estimate on "
-                                                          "the CPU (default: cuda when available)")] = None,
-            max_batch: Annotated[int, typer.Option(help="Largest batch size the search tries")] = 256,
-            batch: Annotated[int, typer.Option(help="No search: peak memory and times at this batch size "
-                                               "for every method (equal-batch comparisons)")] = 0,
+                                                          "the CPU (default: profile.device, else cuda when "
+                                                          "available)")] = None,
+            max_batch: Annotated[Optional[int], typer.Option(help="Largest batch size the search tries "
+                                                             "(default: profile.max_batch, 256)")] = None,
+            batch: Annotated[Optional[int], typer.Option(help="No search: peak memory and times at this batch "
+                                                         "size for every method (equal-batch comparisons; "
+                                                         "default: profile.batch, 0 = search)")] = None,
             out: Annotated[Optional[Path], typer.Option(help="Output directory (default: profiling/results/"
                                                         "BACKBONE-CROP-PRECISION[-bN]-DEVICE)")] = None,
             overrides: Overrides = None):

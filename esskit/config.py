@@ -227,6 +227,26 @@ class EvalConfig:
 
 
 @dataclass(kw_only=True)
+class ProfileConfig:
+    """`esskit profile`'s grid, for recipes that carry their own; its options win over these."""
+    classes: list[int] = field(default_factory=lambda: [19, 150, 1284])  # class counts C
+    methods: list[str] = field(default_factory=lambda: ["baseline", "ess"])  # of baseline, ess, ess_full
+    budget_gib: float = 12.0  # memory budget (the paper's 12 GB card)
+    max_batch: int = 256  # the largest batch the max-batch search tries
+    batch: int = 0  # > 0: no search, peak memory and times at this batch for every method
+    device: str = ""  # "cuda" (measure), "meta" (estimate on the CPU); "": cuda when available
+
+    def __post_init__(self):
+        if not self.classes or min(self.classes) < 2:
+            raise ConfigError(f"profile.classes = {self.classes} must be class counts >= 2, e.g. [19, 150, 1284]")
+        for method in self.methods:
+            _check_choice("profile", "methods", method, ("baseline", "ess", "ess_full"))
+        _check_positive("profile", self, ["budget_gib", "max_batch"])
+        _check_positive("profile", self, ["batch"], allow_zero=True)
+        _check_choice("profile", "device", self.device, ("", "cuda", "meta"))
+
+
+@dataclass(kw_only=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
@@ -234,6 +254,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
 
     def __post_init__(self):
         if self.method.name == "ess" and self.method.k >= self.data.num_classes:  # ess_full has no k

@@ -185,6 +185,27 @@ def test_profile_cli_reports_bad_options_in_one_line(tmp_path):
     assert result.exit_code == 2 and "--methods: 'fancy' is not one of baseline, ess" in result.output
 
 
+def test_profile_takes_its_grid_from_the_recipes_profile_section(tmp_path):
+    recipe = tmp_path / "grid.toml"
+    recipe.write_text('[model]\nbackbone = "resnet18"\n[data]\ncrop = [64, 64]\n'
+                      '[profile]\nclasses = [19, 40]\nmethods = ["ess"]\nbudget_gib = 0.35\nmax_batch = 2\n'
+                      'device = "meta"\n')
+    out = tmp_path / "profile"
+    result = CliRunner().invoke(app, ["profile", str(recipe), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    settings = json.loads((out / "results.json").read_text())["settings"]
+    assert (settings["classes"], settings["methods"], settings["budget_gib"], settings["max_batch_limit"]) == \
+        ([19, 40], ["ess"], 0.35, 2)
+    # --set overrides the section, an option both
+    result = CliRunner().invoke(app, ["profile", str(recipe), "--classes", "19", "--set", "profile.methods=['baseline']",
+                                      "--batch", "1", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [(r["method"], r["classes"], r["trials"][0]["batch"]) for r in rows] == [("baseline", 19, 1)]
+    result = CliRunner().invoke(app, ["profile", str(recipe), "--set", "profile.methods=['fancy']", "--out", str(out)])
+    assert result.exit_code == 2 and "profile.methods = 'fancy' is not one of" in result.output
+
+
 def test_cuda_measurer_control_flow_without_a_gpu(monkeypatch):
     """No GPU here: torch.cuda and the step are stubbed to check the OOM handling, the peaks read
     and the timing arithmetic of measure.py; real numbers need `--device cuda` on a GPU."""

@@ -108,21 +108,24 @@ def run_profile(spec: ProfileSpec, out_dir: Path) -> list[dict]:
         return profile_grid(spec, backend, table.update, save)
 
 
-def spec_from_options(base: Config, recipe_keys: set[str], *, classes: str, methods: str, backbone: str | None,
-                      crop: str | None, budget_gib: float, precision: str | None, device: str | None,
-                      max_batch: int, batch: int = 0) -> ProfileSpec:
-    """The CLI's options over a recipe; `recipe_keys` are the section.key names the recipe or --set gave."""
+def spec_from_options(base: Config, recipe_keys: set[str], *, classes: str | None = None, methods: str | None = None,
+                      backbone: str | None = None, crop: str | None = None, budget_gib: float | None = None,
+                      precision: str | None = None, device: str | None = None, max_batch: int | None = None,
+                      batch: int | None = None) -> ProfileSpec:
+    """The CLI's options over a recipe (its [profile] section gives the grid's defaults); `recipe_keys`
+    are the section.key names the recipe or --set gave."""
     size = parse_crop(crop) if crop is not None else None
     recipe_crop = tuple(base.data.crop)
+    grid = base.profile
     return ProfileSpec(
-        classes=parse_ints(classes, "--classes"),
-        methods=[m.strip() for m in methods.split(",") if m.strip()],
+        classes=parse_ints(classes, "--classes") if classes is not None else list(grid.classes),
+        methods=[m.strip() for m in methods.split(",") if m.strip()] if methods is not None else list(grid.methods),
         backbone=choose(backbone, base.model.backbone, "model.backbone" in recipe_keys, DEFAULT_BACKBONE),
         crop=choose(size, recipe_crop, "data.crop" in recipe_keys, (DEFAULT_CROP, DEFAULT_CROP)),
-        budget_gib=budget_gib,
+        budget_gib=grid.budget_gib if budget_gib is None else budget_gib,
         precision=choose(precision, base.train.mixed_precision, "train.mixed_precision" in recipe_keys, "no"),
-        device=device or ("cuda" if torch.cuda.is_available() else "meta"),
-        max_batch=max_batch,
-        batch=batch,
+        device=device or grid.device or ("cuda" if torch.cuda.is_available() else "meta"),
+        max_batch=grid.max_batch if max_batch is None else max_batch,
+        batch=grid.batch if batch is None else batch,
         base=base,
     )
