@@ -17,6 +17,11 @@ Recipe = Annotated[Path, typer.Argument(help="TOML recipe, e.g. recipes/syntheti
 Overrides = Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe key: section.key=value")]
 
 
+def option_or_none(kind: type, help: str):
+    """An option that is None unless given (its default then comes from the recipe or the code)."""
+    return Annotated[Optional[kind], typer.Option(help=help)]
+
+
 def _fail(error: Exception) -> None:
     typer.echo(f"error: {error}", err=True)
     raise typer.Exit(2)
@@ -127,28 +132,23 @@ def list_datasets():
 @app.command()
 def profile(recipe: Annotated[Optional[Path], typer.Argument(help="Optional recipe for the other settings "
                                                              "(method.k, model.embed_dim, ...)")] = None,
-            classes: Annotated[Optional[str], typer.Option(help="Class counts C, comma-separated (default: the "
-                                                           "recipe's profile.classes, else 19,150,1284)")] = None,
-            methods: Annotated[Optional[str], typer.Option(help="Methods, comma-separated: baseline, ess, ess_full "
-                                                           "(default: profile.methods, else baseline,ess)")] = None,
-            backbone: Annotated[Optional[str], typer.Option(help="timm backbone (default: the recipe's, "
-                                                            "else resnet50)")] = None,
-            crop: Annotated[Optional[str], typer.Option(help="Training crop SIZE or HxW (default: the "
-                                                        "recipe's, else 512)")] = None,
-            budget_gib: Annotated[Optional[float], typer.Option(help="GPU memory budget in GiB (default: "
-                                                                "profile.budget_gib, 12: the paper's 12 GB card)")] = None,
-            mixed_precision: Annotated[Optional[str], typer.Option(help="no, fp16 or bf16 (default: the "
-                                                                   "recipe's, else no)")] = None,
-            device: Annotated[Optional[str], typer.Option(help="cuda: measure on the GPU; meta: estimate on "
-                                                          "the CPU (default: profile.device, else cuda when "
-                                                          "available)")] = None,
-            max_batch: Annotated[Optional[int], typer.Option(help="Largest batch size the search tries "
-                                                             "(default: profile.max_batch, 256)")] = None,
-            batch: Annotated[Optional[int], typer.Option(help="No search: peak memory and times at this batch "
-                                                         "size for every method (equal-batch comparisons; "
-                                                         "default: profile.batch, 0 = search)")] = None,
-            out: Annotated[Optional[Path], typer.Option(help="Output directory (default: profiling/results/"
-                                                        "BACKBONE-CROP-PRECISION[-bN]-DEVICE)")] = None,
+            classes: option_or_none(str, "Class counts C, comma-separated (default: the recipe's "
+                                         "profile.classes, else 19,150,1284)") = None,
+            methods: option_or_none(str, "Methods, comma-separated: baseline, ess, ess_full (default: "
+                                         "profile.methods, else baseline,ess)") = None,
+            backbone: option_or_none(str, "timm backbone (default: the recipe's, else resnet50)") = None,
+            crop: option_or_none(str, "Training crop SIZE or HxW (default: the recipe's, else 512)") = None,
+            budget_gib: option_or_none(float, "GPU memory budget in GiB (default: profile.budget_gib, 12: "
+                                              "the paper's 12 GB card)") = None,
+            mixed_precision: option_or_none(str, "no, fp16 or bf16 (default: the recipe's, else no)") = None,
+            device: option_or_none(str, "cuda: measure on the GPU; meta: estimate on the CPU (default: "
+                                        "profile.device, else cuda when available)") = None,
+            max_batch: option_or_none(int, "Largest batch size the search tries (default: profile.max_batch, "
+                                           "256)") = None,
+            batch: option_or_none(int, "No search: peak memory and times at this batch size for every method "
+                                       "(equal-batch comparisons; default: profile.batch, 0 = search)") = None,
+            out: option_or_none(Path, "Output directory (default: profiling/results/"
+                                      "BACKBONE-CROP-PRECISION[-bN]-DEVICE)") = None,
             overrides: Overrides = None):
     """Max batch size, peak memory and step times per method and class count (paper Figure 1,
     Tables 6-7); writes results.csv/json, figure1.png, table6.md and table7.md."""
