@@ -110,7 +110,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict | None:
                 images, target = next(batches)
                 sync = contextlib.nullcontext() if micro == accum - 1 else accelerator.no_sync(model)
                 with sync:
-                    loss, parts = segmentation_loss(model(images), target, cfg.method)
+                    loss, parts = segmentation_loss(forward(model, images, cfg), target, cfg.method)
                     accelerator.backward(loss / accum)
                 values = torch.stack([v.detach().float() for v in (loss, *parts.values())])
                 sums = values if sums is None else sums + values
@@ -148,6 +148,18 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict | None:
     result = evaluate(accelerator, model, cfg, val_set)
     finish_eval(accelerator, run_dir, cfg, result, steps)
     return result
+
+
+def forward(model: torch.nn.Module, images: torch.Tensor, cfg: Config) -> dict:
+    """The training forward; BatchNorm's refusal of one value per channel as a one-line error."""
+    try:
+        return model(images)
+    except ValueError as e:
+        if "more than 1 value per channel" not in str(e):
+            raise
+        raise ConfigError(f"train.batch_size = {cfg.train.batch_size} with data.crop = {cfg.data.crop}: a "
+                          f"BatchNorm layer sees one value per channel ({str(e).split('input size ')[-1]}); use "
+                          f"a larger data.crop, train.batch_size >= 2 or model.norm = 'gn'") from None
 
 
 def newest_checkpoint_note(run_dir: Path) -> str:

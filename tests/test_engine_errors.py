@@ -160,3 +160,10 @@ def test_a_crashed_save_leaves_no_temporary_checkpoint_behind(tmp_path):
     (run / ".tmp-checkpoint-00000007" / "model.safetensors").write_bytes(b"partial")
     assert train(run).exit_code == 0
     assert checkpoints(run) == ["checkpoint-00000002"] and not list(run.glob(".tmp-*"))
+
+
+def test_batchnorm_with_one_value_per_channel_is_a_one_line_error(tmp_path):
+    # batch 1 at 16 px: the stride-16 map is 1 x 1, and BatchNorm refuses a single value per channel
+    result = train(tmp_path / "run", "train.batch_size=1", "data.crop=[16,16]", "data.base_size=[16,16]",
+                   "data.synthetic_image_size=16")
+    one_line_error(result, "train.batch_size = 1", "data.crop = [16, 16]", "model.norm = 'gn'")
