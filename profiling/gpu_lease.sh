@@ -24,6 +24,7 @@ for part in ${PARTS:-smoke knn fp32 b8 fp16 bench amp}; do
   [ "$left" -gt 15 ] || { echo "deadline: parts from $part on not run"; break; }
   PARTS=$part DEADLINE_S=$left bash profiling/run_cuda.sh "$results"
   rc=$?
+  python3 profiling/issue8_targets.py "$results" --out "$results/issue8.md" >/dev/null 2>&1  # the targets so far
   tar czf "$out/results.tgz" -C "$results" .
   [ "$rc" = 3 ] && break  # the smoke cell failed: nothing else would work
 done
