@@ -271,7 +271,8 @@ def _get(cfg: Config, dotted: str):
 
 
 class StopSignal(contextlib.AbstractContextManager):
-    """Ctrl-C / SIGTERM: finish the current step, save a checkpoint, exit cleanly."""
+    """Ctrl-C / SIGTERM: finish the current step, save a checkpoint, exit cleanly. A second one acts
+    at once, as without esskit (a stuck step or a long evaluation can still be quit)."""
 
     requested = False
 
@@ -281,9 +282,13 @@ class StopSignal(contextlib.AbstractContextManager):
 
     def _handle(self, signum, frame):
         self.requested = True
+        self._restore()
 
-    def __exit__(self, *exc):
+    def _restore(self):
         for s, handler in self._previous.items():
             signal.signal(s, handler)
+
+    def __exit__(self, *exc):
+        self._restore()
         return False
 

@@ -164,6 +164,23 @@ def test_interrupt_saves_and_exits_cleanly(tmp_path, monkeypatch):
     assert (run / "checkpoint-00000004").is_dir()
 
 
+def test_a_second_interrupt_quits_at_once(tmp_path, monkeypatch):
+    real_loss, calls = engine.segmentation_loss, []
+
+    def interrupt_twice_at_step_2(output, target, cfg):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # finish the step and save...
+            os.kill(os.getpid(), signal.SIGINT)  # ...no: quit now
+        return real_loss(output, target, cfg)
+
+    monkeypatch.setattr(engine, "segmentation_loss", interrupt_twice_at_step_2)
+    run = tmp_path / "run"
+    result = esskit("train", str(RECIPE), "--out", str(run))
+    assert result.exit_code == 130 and len(calls) == 2  # click's Abort: a KeyboardInterrupt
+    assert not list(run.glob("checkpoint-*")) and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_grad_accum_and_bf16(tmp_path):
     run = tmp_path / "run"
     result = esskit("train", str(RECIPE), "--out", str(run),
