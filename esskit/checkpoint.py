@@ -13,6 +13,8 @@ from safetensors.torch import load_file
 
 from esskit.errors import ConfigError, TrainingError
 
+# The recipe keys that fix the model's parameter shapes: a checkpoint loads only into their values.
+SHAPE_KEYS = ("model.backbone", "model.norm", "model.embed_dim", "method.name", "data.num_classes")
 PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"  # written last: its presence marks a complete checkpoint
 WEIGHTS_FILE = "model.safetensors"
@@ -78,8 +80,7 @@ def load_weights(model: torch.nn.Module, checkpoint: Path) -> None:
     if mismatches:
         more = f" (and {len(mismatches) - 1} more)" if len(mismatches) > 1 else ""
         raise ConfigError(f"{path} does not match the recipe's {type(model).__name__}: {mismatches[0]}{more}; "
-                          f"the recipe must match {checkpoint.parent / 'config.toml'} in method.name, "
-                          f"data.num_classes, model.embed_dim, model.backbone and model.norm")
+                          f"the recipe must match {checkpoint.parent / 'config.toml'} in {', '.join(SHAPE_KEYS)}")
     model.load_state_dict(saved)
 
 

@@ -19,6 +19,8 @@ import tomli_w
 from esskit.errors import ConfigError
 from esskit.files import write_atomic
 
+METHODS = ("baseline", "ess", "ess_full")  # method.name, and what esskit profile compares
+PROFILE_DEVICES = ("meta", "cuda")  # esskit profile: estimate on the CPU or measure on the GPU
 # SyntheticSegmentation's smallest image side (esskit/data/synthetic.py checks it too)
 SYNTHETIC_MIN_IMAGE_SIZE = 8
 
@@ -70,7 +72,7 @@ class MethodConfig:
     loss_chunk_mib: int = 64  # pixel chunk of the ESS losses: [rows, k+1, d] (ess) or [rows, C] (ess_full)
 
     def __post_init__(self):
-        _check_choice("method", "name", self.name, ("ess", "ess_full", "baseline"))
+        _check_choice("method", "name", self.name, METHODS)
         _check_choice("method", "variant", self.variant, ("paper", "essnet"))
         _check_choice("method", "negatives", self.negatives, ("nearest", "random"))
         _check_choice("method", "knn", self.knn, ("auto", "torch", "faiss", "triton"))
@@ -240,10 +242,10 @@ class ProfileConfig:
         if not self.classes or min(self.classes) < 2:
             raise ConfigError(f"profile.classes = {self.classes} must be class counts >= 2, e.g. [19, 150, 1284]")
         for method in self.methods:
-            _check_choice("profile", "methods", method, ("baseline", "ess", "ess_full"))
+            _check_choice("profile", "methods", method, METHODS)
         _check_positive("profile", self, ["budget_gib", "max_batch"])
         _check_positive("profile", self, ["batch"], allow_zero=True)
-        _check_choice("profile", "device", self.device, ("", "cuda", "meta"))
+        _check_choice("profile", "device", self.device, ("", *PROFILE_DEVICES))
 
 
 @dataclass(kw_only=True)

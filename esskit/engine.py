@@ -16,7 +16,8 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from esskit import report
-from esskit.checkpoint import checkpoint_step, find_checkpoint, list_checkpoints, load_weights, save_checkpoint
+from esskit.checkpoint import (SHAPE_KEYS, checkpoint_step, find_checkpoint, list_checkpoints, load_weights,
+                               save_checkpoint)
 from esskit.config import Config, load_config, save_config
 from esskit.data import build_dataset
 from esskit.data.transforms import EpochSampler
@@ -28,9 +29,6 @@ from esskit.metrics import SegMetrics
 from esskit.models import build_model, predict_labels
 from esskit.optim import build_optimizer, build_scheduler
 from esskit.syncbn import convert_sync_batchnorm
-
-# Keys that fix the shape of the model and its checkpoint: a resume must not change them.
-SHAPE_KEYS = ("model.backbone", "model.norm", "model.embed_dim", "method.name", "data.num_classes")
 
 
 def make_accelerator(cfg: Config) -> Accelerator:

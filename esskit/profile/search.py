@@ -11,14 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
-from esskit.config import Config
+from esskit.config import METHODS, PROFILE_DEVICES, Config
 from esskit.errors import ConfigError
 from esskit.profile.step import cell_config
 
 MIB = 2**20
 GIB = 2**30
-METHODS = ("baseline", "ess", "ess_full")
-DEVICES = ("meta", "cuda")
 PRECISIONS = ("no", "fp16", "bf16")
 # One row per (method, C) in results.csv, in this order (results.json rows add the trials).
 # `batch` is where peak and times were taken: the max batch, or --batch (then max_batch is empty).
@@ -92,8 +90,8 @@ class ProfileSpec:
         for method in self.methods:
             if method not in METHODS:
                 raise ConfigError(f"--methods: {method!r} is not one of {', '.join(METHODS)}")
-        if self.device not in DEVICES:
-            raise ConfigError(f"--device {self.device!r} is not one of {', '.join(DEVICES)}")
+        if self.device not in PROFILE_DEVICES:
+            raise ConfigError(f"--device {self.device!r} is not one of {', '.join(PROFILE_DEVICES)}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"--mixed-precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
         if self.budget_gib <= 0 or self.max_batch < 1 or min(self.crop) < 1 or self.batch < 0:
