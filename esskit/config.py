@@ -106,7 +106,9 @@ class DataConfig:
     train_split: str = "train"
     val_split: str = "val"
     crop: list[int] = field(default_factory=lambda: [128, 128])  # training crop [H, W]
-    base_size: list[int] = field(default_factory=lambda: [128, 128])  # [H, W] box rescaled by scale_range
+    # box an image is rescaled into (times a factor from scale_range), keeping its aspect ratio: its
+    # long side fits max(base_size), its short side min(base_size) (mmseg's img_scale, either order)
+    base_size: list[int] = field(default_factory=lambda: [128, 128])
     scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])  # random rescale factors
     flip: bool = True  # random horizontal flip
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])  # ImageNet
@@ -130,7 +132,8 @@ class DataConfig:
         if len(self.crop) != 2 or min(self.crop) <= 0:
             raise ConfigError(f"data.crop = {self.crop} must be [height, width] with positive sizes")
         if len(self.base_size) != 2 or min(self.base_size) <= 0:
-            raise ConfigError(f"data.base_size = {self.base_size} must be [height, width] with positive sizes")
+            raise ConfigError(f"data.base_size = {self.base_size} must be two positive sizes (short and long side, "
+                              f"either order)")
         low, high = self.scale_range if len(self.scale_range) == 2 else (0, 0)
         if not (0 < low <= high and math.isfinite(high)):  # NaN fails the comparisons too
             raise ConfigError(f"data.scale_range = {self.scale_range} must be [min, max] with 0 < min <= max "

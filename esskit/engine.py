@@ -48,7 +48,7 @@ def model_from_config(cfg: Config, pretrained: bool | None = None) -> torch.nn.M
     pretrained = cfg.model.pretrained if pretrained is None else pretrained
     return build_model(cfg.model.backbone, cfg.data.num_classes, cfg.method.name, cfg.model.embed_dim,
                        cfg.model.norm, pretrained, backbone_bn_momentum=cfg.optim.backbone_bn_momentum,
-                       normalize=cfg.method.normalize)
+                       normalize=cfg.method.normalize, variant=cfg.method.variant)
 
 
 def build_split(cfg: Config, key: str, train: bool) -> Dataset:

@@ -126,7 +126,7 @@ class CandidateCrossEntropy(torch.autograd.Function):
                 g[:, 0] -= 1
                 g *= _weights(target[start:stop], grad, g.dtype)[:, None]  # dL/dz
                 if ctx.dense:
-                    full.zero_().scatter_add_(1, c, g)  # dL/d(full logits): random negatives may repeat
+                    full.zero_().scatter_add_(1, c, g)  # dL/d(full logits)
                     gxc = _dense_backward(full, xc, xh, mu, tau, normalize, acc[:, :d], acc[:, d],
                                           gx is not None)
                 else:

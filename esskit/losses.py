@@ -20,6 +20,7 @@ from esskit.knn_triton import fused_by_default
 from esskit.loss_triton import fused_candidate_cross_entropy
 from esskit.config import MethodConfig
 from esskit.data import IGNORE_INDEX
+from esskit.errors import ConfigError
 from esskit.knn import (GridNeighbours, block_neighbours, chunk_ranges, feature_neighbours, knn_backend,
                         knn_exact)
 
@@ -53,8 +54,16 @@ def nearest_negatives(x: torch.Tensor, mu: torch.Tensor, target: torch.Tensor, k
 
 
 def random_negatives(target: torch.Tensor, num_classes: int, k: int) -> torch.Tensor:
-    """k classes drawn uniformly from the C-1 non-target classes (Table 2 ablation)."""
-    r = torch.randint(0, num_classes - 1, (target.shape[0], k), device=target.device)
+    """k distinct classes per pixel, a uniform k-subset of its C-1 non-target classes (Table 2's
+    random negatives: Eq. 6 normalises over a set). Floyd's sampling, vectorised over pixels:
+    k draws, no [N, C] tensor."""
+    if not 0 < k < num_classes:
+        raise ConfigError(f"method.k = {k}: random negatives need 1 <= k <= C - 1 = {num_classes - 1}")
+    n, device = target.shape[0], target.device
+    r = torch.empty(n, k, dtype=torch.long, device=device)
+    for i, j in enumerate(range(num_classes - 1 - k, num_classes - 1)):
+        draw = (torch.rand(n, device=device) * (j + 1)).long().clamp_max(j)  # uniform in [0, j]
+        r[:, i] = torch.where((r[:, :i] == draw[:, None]).any(1), j, draw)  # taken: j, new this round
     return r + (r >= target[:, None]).long()
 
 
@@ -234,7 +243,7 @@ def segmentation_loss(output: dict, target: torch.Tensor, cfg: MethodConfig, knn
         cls = ess_full_loss(pixels_last(upsample(emb, size)), class_emb, target.reshape(-1), cfg.tau,
                             normalize=cfg.normalize, chunk_bytes=cfg.loss_chunk_mib * 2**20, kernel=cfg.loss_kernel)
         parts = {"loss_full": cls.detach()}
-    elif cfg.variant == "essnet":
+    elif cfg.variant == "essnet":  # the head is unit at stride 4 already (unit_at_stride): idempotent here
         emb = upsample(F.normalize(emb, dim=1), size)
         cls = essnet_loss(pixels_last(emb), class_emb, target.reshape(-1), cfg.k, knn=knn)
         parts = {"loss_ess": cls.detach()}

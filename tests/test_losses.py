@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from esskit.config import MethodConfig
 from esskit.data import IGNORE_INDEX
+from esskit.errors import ConfigError
 from esskit.knn import block_neighbours, feature_neighbours
 from esskit.losses import (ess_candidates, essnet_loss, ess_loss, max_margin_loss, nearest_negatives, pixels_last,
                            random_negatives, segmentation_loss)
@@ -150,6 +151,19 @@ def test_random_negatives_in_range_and_never_target():
     for cls in range(c):
         drawn = set(neg[t == cls].unique().tolist())
         assert drawn == set(range(c)) - {cls}
+    # a set, as Eq. 6's denominator: k distinct classes per pixel, each class drawn k / (C-1) of the
+    # time, each pair of them as often as any other (uniform k-subsets: Floyd's algorithm)
+    c, k = 19, 7
+    t = torch.randint(0, c, (40000,))
+    neg = random_negatives(t, c, k)
+    assert (neg.sort(1).values.diff(1) > 0).all() and not (neg == t[:, None]).any()
+    kept = neg[t == 0]  # non-targets 1..18
+    freq = torch.bincount(kept.flatten(), minlength=c)[1:] / kept.shape[0]
+    assert torch.allclose(freq, torch.full_like(freq, k / (c - 1)), atol=0.03)
+    pair = ((kept == 1).any(1) & (kept == 2).any(1)).float().mean()  # P = k(k-1) / ((C-1)(C-2))
+    assert abs(pair - k * (k - 1) / ((c - 1) * (c - 2))) < 0.03
+    with pytest.raises(ConfigError, match="method.k = 19"):
+        random_negatives(t, c, c)
     # used through ess_loss
     x, mu, t2 = _inputs(c=c)
     loss = ess_loss(x, mu, t2, k=2, negatives="random")
@@ -327,7 +341,6 @@ def test_shared_neighbours_keep_negatives_strict(sets):
 
 
 def test_method_config_validates_the_new_keys():
-    from esskit.errors import ConfigError
 
     assert MethodConfig(name="ess_full").name == "ess_full"
     for bad, match in [({"knn_block": 3}, "knn_block"), ({"knn_at": "stride4"}, "knn_at"),

@@ -43,7 +43,8 @@ def test_output_keys_and_shapes_at_stride_4(backbone, method):
         assert set(out) == {"logits"}
         assert out["logits"].shape == (2, C, SIZE // 4, SIZE // 4)
     else:
-        assert set(out) == {"embeddings", "class_embeddings", "normalize"} and out["normalize"] is True
+        assert set(out) == {"embeddings", "class_embeddings", "normalize", "unit_at_stride"}
+        assert out["normalize"] is True and out["unit_at_stride"] is False
         assert out["embeddings"].shape == (2, 7, SIZE // 4, SIZE // 4)
         ce = out["class_embeddings"]
         assert ce.shape == (C, 7)
@@ -219,6 +220,25 @@ def test_predict_labels_without_normalisation_is_nearest_in_raw_l2():
     assert predict_labels({"embeddings": emb, "class_embeddings": mu, "normalize": True}, (1, 1)).item() == 0
     head = build_model("resnet18", C, "ess", embed_dim=7, normalize=False).head
     assert head(torch.randn(1, 256, 2, 2))["normalize"] is False
+
+
+def test_predict_labels_of_essnet_normalises_before_upsampling():
+    # method.variant = "essnet" trains on unit vectors at stride 4, upsampled and not renormalised:
+    # between (10, 0) and (0, 1) the middle pixel is (0.5, 0.5) there, nearest (0.707, 0.707); the
+    # paper's order (upsample, then normalise) gives (0.995, 0.0995), nearest (1, 0)
+    mu = torch.tensor([[1.0, 0.0], [0.6, 0.6]])  # not unit: essnet_loss normalises the class embeddings
+    head = build_model("resnet18", C, "ess", embed_dim=2, variant="essnet").head
+    head.proj.weight.data = torch.eye(2, 256)[:, :, None, None]
+    head.proj.bias.data.zero_()
+    head.class_embeddings.data = mu
+    features = torch.zeros(1, 256, 1, 2)
+    features[0, 0, 0, 0], features[0, 1, 0, 1] = 10.0, 1.0
+    out = head(features)
+    assert out["unit_at_stride"] is True and torch.allclose(out["embeddings"].norm(dim=1), torch.ones(1, 2))
+    assert predict_labels(out, (1, 3))[0, 0, 1].item() == 1
+    raw = {"embeddings": features[:, :2], "class_embeddings": mu}
+    assert predict_labels(raw, (1, 3))[0, 0, 1].item() == 0
+    assert build_model("resnet18", C, "ess", embed_dim=2).head(features)["unit_at_stride"] is False
 
 
 def test_predict_labels_baseline_is_argmax_of_upsampled_logits():

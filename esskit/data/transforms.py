@@ -15,10 +15,30 @@ from esskit.data import IGNORE_INDEX
 from esskit.errors import DataError
 
 
+class RandomRescale:
+    """mmseg's RandomResize(scale, ratio_range, keep_ratio=True): draw r in `ratio_range`, then
+    rescale keeping the aspect ratio as large as fits the box `scale` * r, its long side against
+    the long edge and its short side against the short edge (mmcv's rescale_size), so portrait and
+    landscape images get the same scale. (torchvision's ScaleJitter reads its size as (W, H) and
+    fits both edges in order, which halves Cityscapes' 1024 x 2048 at ratio 1.) Masks, as
+    tv_tensors.Mask, are resized with nearest interpolation."""
+
+    def __init__(self, scale, ratio_range):
+        self.long, self.short = max(scale), min(scale)
+        self.low, self.high = ratio_range
+
+    def __call__(self, image, mask):
+        h, w = image.shape[-2:]
+        ratio = self.low + float(torch.rand(())) * (self.high - self.low)
+        factor = ratio * min(self.long / max(h, w), self.short / min(h, w))
+        size = [max(1, int(h * factor + 0.5)), max(1, int(w * factor + 0.5))]
+        return v2.functional.resize(image, size), v2.functional.resize(mask, size)
+
+
 def train_transforms(cfg: DataConfig) -> v2.Compose:
-    """mmseg-style: rescale around `base_size` by a random factor, crop (padding masks with
-    ignore), flip, normalise. Masks (tv_tensors.Mask) are resized with nearest interpolation."""
-    steps = [v2.ScaleJitter(target_size=tuple(cfg.base_size), scale_range=tuple(cfg.scale_range)),
+    """mmseg-style: rescale to `base_size` times a random factor (RandomRescale), crop (padding
+    masks with ignore), flip, normalise."""
+    steps = [RandomRescale(cfg.base_size, cfg.scale_range),
              v2.RandomCrop(tuple(cfg.crop), pad_if_needed=True,
                            fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX})]
     if cfg.flip:

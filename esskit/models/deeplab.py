@@ -119,10 +119,11 @@ def batchnorm_to_groupnorm(module: nn.Module) -> nn.Module:
 
 def build_model(backbone: str, num_classes: int, method: str, embed_dim: int = 12, norm: str = "bn",
                 pretrained: bool = False, backbone_bn_momentum: float | None = None,
-                normalize: bool = True) -> DeepLabV3Plus:
+                normalize: bool = True, variant: str = "paper") -> DeepLabV3Plus:
     """DeepLabV3+ (output stride 16, ASPP 6/12/18, 48-ch stride-4 projection, two 3x3 256 convs)
     ending in a 1x1 conv to C (`method="baseline"`) or to `embed_dim` with class embeddings
-    (`"ess"`, `"ess_full"`; `normalize`: method.normalize, the distance prediction uses)."""
+    (`"ess"`, `"ess_full"`; `normalize`, `variant`: method.normalize and method.variant, which set
+    the distance prediction uses)."""
     body = _create_backbone(backbone, pretrained)
     reductions = body.feature_info.reduction()
     if 4 not in reductions or reductions[-1] != 16:
@@ -135,7 +136,8 @@ def build_model(backbone: str, num_classes: int, method: str, embed_dim: int = 1
     if method == "baseline":
         head = ClassifierHead(ASPP_CHANNELS, num_classes)
     elif method in ("ess", "ess_full"):  # ess_full: same head and inference, full-softmax loss
-        head = EmbeddingHead(ASPP_CHANNELS, num_classes, embed_dim, normalize)
+        head = EmbeddingHead(ASPP_CHANNELS, num_classes, embed_dim, normalize,
+                             unit_at_stride=method == "ess" and variant == "essnet")
     else:
         raise ModelError(f"method {method!r} is not one of 'baseline', 'ess', 'ess_full'")
     return DeepLabV3Plus(body, reductions.index(4), head, norm)

@@ -28,18 +28,24 @@ class ClassifierHead(nn.Module):
 class EmbeddingHead(nn.Module):
     """ESS: 1x1 conv to d channels plus the learnable class embeddings [C, d] (paper Fig. 2).
     `normalize` (method.normalize) tells `predict_labels` the distance the loss trained: between
-    unit vectors, or between the raw ones (Table 3's ablation)."""
+    unit vectors, or between the raw ones (Table 3's ablation). `unit_at_stride` (method.variant
+    "essnet", the official code) normalises here, before any upsampling, as its loss trains."""
 
-    def __init__(self, in_channels: int, num_classes: int, embed_dim: int, normalize: bool = True):
+    def __init__(self, in_channels: int, num_classes: int, embed_dim: int, normalize: bool = True,
+                 unit_at_stride: bool = False):
         super().__init__()
-        self.normalize = normalize
+        self.normalize, self.unit_at_stride = normalize, unit_at_stride
         self.proj = nn.Conv2d(in_channels, embed_dim, 1)
         # Unit vectors spread uniformly on the sphere: no class starts close to another.
         self.class_embeddings = nn.Parameter(F.normalize(torch.randn(num_classes, embed_dim), dim=1))
 
     def forward(self, x: torch.Tensor) -> dict:
+        emb = self.proj(x)
+        if self.unit_at_stride:
+            emb = F.normalize(emb, dim=1)
         # Passing the class embeddings through forward lets DDP see them as used parameters.
-        return {"embeddings": self.proj(x), "class_embeddings": self.class_embeddings, "normalize": self.normalize}
+        return {"embeddings": emb, "class_embeddings": self.class_embeddings, "normalize": self.normalize,
+                "unit_at_stride": self.unit_at_stride}
 
 
 @torch.no_grad()
@@ -51,7 +57,9 @@ def predict_labels(output: dict, size) -> torch.Tensor:
     emb = upsample(output["embeddings"].float(), size)
     b, _, h, w = emb.shape
     x, mu = pixels_last(emb), output["class_embeddings"].float()
-    if output.get("normalize", True):
+    if output.get("unit_at_stride", False):  # essnet_loss: upsampled unit vectors, not renormalised
+        mu = F.normalize(mu, dim=1)
+    elif output.get("normalize", True):
         x, mu = F.normalize(x, dim=1), F.normalize(mu, dim=1)
     _, idx = knn_exact(x, mu, 1)
     return idx.view(b, h, w)
