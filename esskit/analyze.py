@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Subset
 from esskit import analyze_plots as plots
 from esskit.data import IGNORE_INDEX, build_dataset
 from esskit.errors import ConfigError
+from esskit.files import write_atomic
 from esskit.knn import knn_exact
 from esskit.losses import upsample
 from esskit.predict import Run, load_run
@@ -172,7 +173,7 @@ def run_analysis(checkpoint: Path, out: Path, kmeans: int = 70, images: int = 2,
         plots.pixel_pca(samples, unit.numpy(), run.names, run.palette, out / "pixel_embeddings_pca.png")
         plots.pixel_rgb(samples, run.palette, out / "pixel_embeddings_rgb.png")
         summary["pixel_embeddings"] = {"images": len(samples), **pixel_distances(samples, unit)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    write_atomic(out / "summary.json", json.dumps(summary, indent=1))  # last: its presence marks a whole analysis
     print_summary(summary, out)
     return summary
 

@@ -61,7 +61,10 @@ class MethodConfig:
     margin: float = 0.2  # max-margin m of Eq. 7
     margin_weight: float = 1.0  # weight of Eq. 7 in the loss; 0 disables it (Table 3 ablation)
     negatives: str = "nearest"  # "nearest" (kNN) or "random" (Table 2 ablation)
-    normalize: bool = True  # L2-normalise pixel and class embeddings (Table 3 ablation)
+    # L2-normalise pixel and class embeddings. false: Table 3's ablation on raw vectors, whose logits
+    # (2 x.mu - |mu|^2) / tau drop the per-pixel |x|^2: exact in fp32 while |x| stays O(1) (1.0-1.4 in
+    # profiling/README's study); rounding grows as |x|^2 (gradients ~1e-3 off at |x| = 30)
+    normalize: bool = True
     # exact kNN backend: "torch" (chunked; DESIGN.md's default), "auto" (triton on CUDA GPUs, else
     # torch; the GPU recipes set it), "faiss" (optional extra) or "triton" (one fused kernel, CUDA)
     knn: str = "torch"
@@ -144,6 +147,10 @@ class DataConfig:
             raise ConfigError(f"data.mean = {self.mean} must hold 3 finite numbers")
         if not all(math.isfinite(v) and v > 0 for v in self.std):  # the normalisation divides by std
             raise ConfigError(f"data.std = {self.std} must hold 3 finite numbers > 0")
+        if max(map(abs, self.mean)) > 1 or max(self.std) > 1:  # mmseg's img_norm_cfg is in 0-255 units
+            raise ConfigError(f"data.mean = {self.mean}, data.std = {self.std}: images are scaled to [0, 1] before "
+                              f"normalising, so give them in [0, 1] units (0-255 values / 255, e.g. ImageNet's "
+                              f"[0.485, 0.456, 0.406] and [0.229, 0.224, 0.225])")
         _check_positive("data", self, ["num_workers"], allow_zero=True)
         _check_positive("data", self, ["synthetic_train_size", "synthetic_val_size"])
         if self.synthetic_image_size < SYNTHETIC_MIN_IMAGE_SIZE:
@@ -244,6 +251,8 @@ class ProfileConfig:
     def __post_init__(self):
         if not self.classes or min(self.classes) < 2:
             raise ConfigError(f"profile.classes = {self.classes} must be class counts >= 2, e.g. [19, 150, 1284]")
+        if not self.methods:
+            raise ConfigError(f"profile.methods is empty; name some of {', '.join(METHODS)}")
         for method in self.methods:
             _check_choice("profile", "methods", method, METHODS)
         _check_positive("profile", self, ["budget_gib", "max_batch"])

@@ -21,7 +21,7 @@ from esskit.checkpoint import (SHAPE_KEYS, checkpoint_step, find_checkpoint, lis
 from esskit.config import Config, load_config, save_config
 from esskit.data import build_dataset
 from esskit.data.transforms import EpochSampler
-from esskit.errors import ConfigError, DataError, TrainingError
+from esskit.errors import ConfigError, DataError, TrainingError, is_batchnorm_one_value
 from esskit.files import write_atomic
 from esskit.inference import infer
 from esskit.losses import segmentation_loss
@@ -153,7 +153,7 @@ def forward(model: torch.nn.Module, images: torch.Tensor, cfg: Config) -> dict:
     try:
         return model(images)
     except ValueError as e:
-        if "more than 1 value per channel" not in str(e):
+        if not is_batchnorm_one_value(e):
             raise
         raise ConfigError(f"train.batch_size = {cfg.train.batch_size} with data.crop = {cfg.data.crop}: a "
                           f"BatchNorm layer sees one value per channel ({str(e).split('input size ')[-1]}); use "

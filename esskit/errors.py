@@ -19,3 +19,8 @@ class ModelError(EsskitError):
 
 class TrainingError(EsskitError):
     pass
+
+
+def is_batchnorm_one_value(error: BaseException) -> bool:
+    """torch's refusal to train BatchNorm on one value per channel (batch 1 at a small crop)."""
+    return isinstance(error, ValueError) and "more than 1 value per channel" in str(error)

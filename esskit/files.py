@@ -1,8 +1,11 @@
-"""Crash-safe writes of the small files a run leaves (config.toml, eval.json, predictions.json, ...):
-a reader, another rank or a resumed run sees the old file or the new one, never half of one."""
+"""Crash-safe writes of the files a run leaves (config.toml, eval.json, predictions.json, results
+tables and figures rewritten after every profiled cell, ...): a reader, another rank or a resumed run
+sees the old file or the new one, never half of one (a time-boxed GPU run's SIGTERM included)."""
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 import tempfile
 from pathlib import Path
@@ -17,6 +20,28 @@ def write_atomic(path: str | Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_csv_atomic(path: str | Path, columns, rows: list[dict]) -> None:
+    """`rows` as CSV with a header of `columns` (keys outside them are left out), written atomically."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(path, text.getvalue())
+
+
+def save_figure_atomic(fig, path: str | Path, **savefig_kwargs) -> None:
+    """matplotlib's `fig.savefig` to a temporary file beside `path`, renamed into place."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or None, **savefig_kwargs)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

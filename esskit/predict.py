@@ -104,7 +104,7 @@ def predict_images(run: Run, images: list[tuple[Path, Path]], out: Path, overlay
             progress(len(records), len(images))
 
     for path, name in images:
-        image = read_image(path)
+        image = read_image(path, upright=True)  # labels as the photo is shown
         if pending and (len(pending) == batch_size or pending[0][2].shape != image.shape):
             flush()
         pending.append((path, name, image))

@@ -16,7 +16,6 @@ figure4_convergence.png into --out.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import time
 import tomllib
@@ -25,10 +24,13 @@ from pathlib import Path
 import torch
 
 from esskit import engine
-from esskit.config import load_config
+from esskit.config import config_to_dict, load_config
 from esskit.errors import TrainingError
+from esskit.files import save_figure_atomic, write_atomic, write_csv_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
+# How a run computes, not what: a run folder trained with another value of these is reused
+SAME_RESULTS = {"method.knn", "method.loss_kernel", "data.num_workers"}
 RECIPE = ROOT / "recipes" / "synthetic.toml"
 ABLATIONS = ROOT / "recipes" / "ablations"
 
@@ -144,13 +146,21 @@ def run_row(group: str, name: str, keys: list[str], out: Path, extra: list[str])
     row = {"group": group, "row": name, "method": cfg.method.name, "classes": cfg.data.num_classes,
            "steps": cfg.train.steps, "images_per_step": cfg.train.batch_size * cfg.train.grad_accum,
            "overrides": " ".join(keys + extra)}
+    if (run_dir / "config.toml").exists():  # a finished (or cut short) run is reused only for the same settings
+        saved = config_to_dict(load_config(run_dir / "config.toml", []))
+        changed = [f"{section}.{key}" for section, values in config_to_dict(cfg).items()
+                   for key, value in values.items() if saved.get(section, {}).get(key) != value
+                   and f"{section}.{key}" not in SAME_RESULTS]
+        if changed:
+            raise SystemExit(f"{run_dir} was trained with other settings ({', '.join(changed)}); delete it or "
+                             f"choose another --out")
     if (run_dir / "diverged.txt").exists():
         return {**row, "note": (run_dir / "diverged.txt").read_text().strip()}
     if not (run_dir / "eval.json").exists():
         try:
             engine.train(cfg, run_dir)
         except TrainingError as error:  # a NaN loss is a result of the ablation, not a crash of the study
-            (run_dir / "diverged.txt").write_text(f"{error}\n")
+            write_atomic(run_dir / "diverged.txt", f"{error}\n")
             return {**row, "note": str(error)}
     metrics = json.loads((run_dir / "eval.json").read_text())
     logs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -204,7 +214,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     ax.set_title(title, fontsize=8)
     ax.grid(True, axis="x", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure_atomic(fig, path)
     plt.close(fig)
 
 
@@ -242,7 +252,7 @@ def plot_figure4(rows: list[dict], path: Path) -> None:
     axes[0][0].legend(fontsize=7)
     fig.suptitle("Figure 4 (left) on the synthetic data: ResNet18 from scratch, 64 px, 300 steps", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure_atomic(fig, path)
     plt.close(fig)
 
 
@@ -264,7 +274,7 @@ def plot_convergence(rows: list[dict], out: Path, path: Path) -> None:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure_atomic(fig, path)
     plt.close(fig)
 
 
@@ -284,14 +294,11 @@ def main() -> None:
         rows.append(run_row(group, name, keys, args.out, args.extra))
         print(json.dumps({k: rows[-1].get(k) for k in ("row", "mIoU", "pAcc", "final_loss", "_wall", "note")}),
               flush=True)
-    with open(args.out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv_atomic(args.out / "results.csv", COLUMNS, rows)
     settings = {"recipe": str(RECIPE.relative_to(ROOT)), "common": COMMON, "best_schedule": BEST_SCHEDULE, "extra": args.extra,
                 "torch": torch.__version__, "threads": args.threads}
-    (args.out / "results.json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=1) + "\n")
-    (args.out / "results.md").write_text(table_md(rows))
+    write_atomic(args.out / "results.json", json.dumps({"settings": settings, "rows": rows}, indent=1) + "\n")
+    write_atomic(args.out / "results.md", table_md(rows))
     plot(rows, args.out / "accuracy_study.png", "recipes/synthetic.toml, ResNet18 from scratch, 64 px, "
          f"{rows[0]['steps'] if rows else 0} steps, one seed")
     plot_figure4(rows, args.out / "figure4.png")

@@ -17,7 +17,6 @@ MiB per cell) and bench_loss.png into --out; `--replot DIR` rewrites the last tw
 from __future__ import annotations
 
 import argparse
-import csv
 import importlib.util
 import json
 import os
@@ -32,6 +31,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from esskit.config import MethodConfig
 from esskit.data import IGNORE_INDEX
+from esskit.files import save_figure_atomic, write_atomic, write_csv_atomic
 from esskit.knn import knn_backend
 from esskit.lean_loss import has_builtin_linear_cross_entropy
 from esskit.losses import (ess_full_loss, ess_paper_loss, negatives_differ, pixels_last, segmentation_loss,
@@ -255,7 +255,7 @@ def bench_cell(name: str, classes: int, args) -> dict:
         return row
     row["peak_mib"] = loss_peak_mib(fn, cfg, classes, args.batch, args.size, args.d)
     if row["peak_mib"] is not None and row["peak_mib"] > args.max_mib:
-        row["note"] = f"not timed: needs {row['peak_mib'] / 1024:.1f} GiB > --max-mib"
+        row["note"] = f"not timed: needs {row['peak_mib']:,.1f} MiB > --max-mib {args.max_mib:g}"
         return row
     inputs = make_inputs(cfg, classes, args.batch, args.size, args.d, device=args.device, labels=args.labels)
     try:
@@ -301,7 +301,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     ax_t.legend(fontsize=6)
     fig.suptitle(title, fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure_atomic(fig, path)
     plt.close(fig)
 
 
@@ -316,7 +316,8 @@ def table_md(rows: list[dict]) -> str:
             if r is None:
                 cells.append("")
             elif r["time_s"] is None:
-                cells.append(f"not run ({r['peak_mib'] / 1024:.0f} GiB)" if r["peak_mib"] else r["note"])
+                over_cap = r["note"].startswith("not timed: needs") and r["peak_mib"]  # its estimate, not run
+                cells.append(f"not run (needs {r['peak_mib']:,.0f} MiB)" if over_cap else r["note"])
             else:
                 ratio = f" (×{r['ratio_to_ess']})" if r["ratio_to_ess"] is not None else ""
                 peak = "-" if r["peak_mib"] is None else f"{r['peak_mib']:g}"
@@ -395,14 +396,11 @@ def main() -> None:
 
 def save(rows: list[dict], args: argparse.Namespace, start: float) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
-    with open(args.out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv_atomic(args.out / "results.csv", COLUMNS, rows)  # atomic: a time box's SIGTERM may come mid-save
     settings = {k: (str(v) if isinstance(v, (Path, torch.device)) else v) for k, v in vars(args).items()}
     settings.update(torch=torch.__version__, wall_s=round(time.time() - start, 1))
-    (args.out / "results.json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=1) + "\n")
-    (args.out / "results.md").write_text(table_md(rows))
+    write_atomic(args.out / "results.json", json.dumps({"settings": settings, "rows": rows}, indent=1) + "\n")
+    write_atomic(args.out / "results.md", table_md(rows))
     plot(rows, args.out / "bench_loss.png", _title(settings))
 
 

@@ -246,6 +246,8 @@ def test_accuracy_study_applies_every_ablation_recipe_to_the_synthetic_data():
     ("data.std=[0, 1, 1]", "data.std"),               # the normalisation would divide by zero
     ("data.std=[-0.2, 1, 1]", "data.std"),
     ("data.std=[nan, 1, 1]", "data.std"),
+    ("data.mean=[123.675, 116.28, 103.53]", "0-255 values / 255"),  # mmseg's img_norm_cfg: 0-255 units
+    ("data.std=[58.395, 57.12, 57.375]", "0-255 values / 255"),
     ("data.synthetic_image_size=4", "data.synthetic_image_size"),
 ])
 def test_non_finite_and_unusable_numbers_are_refused(override, needle):

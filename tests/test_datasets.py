@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from esskit.cli import app
 from esskit.config import DataConfig, load_config
 from esskit.data import DATASETS, IGNORE_INDEX, build_dataset
-from esskit.data.images import read_mask, write_mask
+from esskit.data.images import read_image, read_mask, write_mask
 from esskit.errors import ConfigError, DataError
 
 H, W = 40, 60
@@ -92,6 +92,21 @@ def test_16bit_mask_round_trip(tmp_path):
     with pytest.raises(ValueError):
         write_mask(tmp_path / "bad.png", np.array([[300]]), bits=8)
     assert not list(tmp_path.glob(".*partial"))
+
+
+def test_read_image_scales_16bit_grey_and_turns_photos_upright(tmp_path):
+    # 16-bit greyscale: scaled to 8 bits (PIL's convert("RGB") clips everything above 255 to white)
+    Image.fromarray(np.array([[0, 257, 32896, 65535]], dtype=np.uint16)).save(tmp_path / "g16.png")
+    assert read_image(tmp_path / "g16.png").tolist() == [[[0, 1, 128, 255]]] * 3
+    # EXIF orientation 6 (stored 2 x 3, shown 3 x 2): as stored by default (dataset images, whose masks
+    # match the stored grid), as shown with upright (esskit predict)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(np.arange(6, dtype=np.uint8).reshape(2, 3) * 40).convert("RGB").save(
+        tmp_path / "photo.png", exif=exif)
+    assert read_image(tmp_path / "photo.png").shape == (3, 2, 3)
+    upright = read_image(tmp_path / "photo.png", upright=True)
+    assert upright.shape == (3, 3, 2) and upright[0].tolist() == [[120, 0], [160, 40], [200, 80]]
 
 
 def test_rgb_mask_is_refused(tmp_path):
@@ -321,9 +336,14 @@ def test_hf_errors_and_hub_routing(tmp_path, monkeypatch):
     with pytest.raises(DataError, match=r"missing.parquet not found; expected data.root = a save_to_disk"):
         DATASETS["hf"](data_cfg(name="hf", root=str(tmp_path / "missing.parquet")), "train")
     images, masks = hf_rows(1)
-    datasets.Dataset.from_dict({"image": images, "annotation": masks}).save_to_disk(tmp_path / "one")
+    datasets.Dataset.from_dict({"image": images, "annotation": masks}).save_to_disk(tmp_path / "train")
     with pytest.raises(DataError, match=r"no column 'label' \(columns: image, annotation\)"):
-        DATASETS["hf"](data_cfg(name="hf", root=str(tmp_path / "one")), "train")
+        DATASETS["hf"](data_cfg(name="hf", root=str(tmp_path / "{split}")), "train")
+    # one split without '{split}' in data.root: train and val would be the same rows
+    datasets.Dataset.from_dict({"image": images, "annotation": masks}).to_parquet(str(tmp_path / "all.parquet"))
+    for one in (tmp_path / "train", tmp_path / "all.parquet"):
+        with pytest.raises(DataError, match=rf"{one} holds a single split.*put '{{split}}' in data.root"):
+            DATASETS["hf"](data_cfg(name="hf", root=str(one)), "val")
     calls = []
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **kw: calls.append((a, kw)) or
                         datasets.Dataset.from_dict({"image": images, "label": masks}))

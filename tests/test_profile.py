@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 from esskit.cli import app
 from esskit.config import Config, build_config
 from esskit.profile.estimate import MIB, MemoryTracker, block_bytes, estimate_training_peak
+from esskit.profile.report import table6
 from esskit.profile.search import COLUMNS, ProfileSpec, Trial, _note, max_batch_size
 from esskit.profile.step import cell_config
 
@@ -91,7 +92,7 @@ def test_max_batch_steps_down_when_the_timed_steps_run_out_of_memory():
         def try_batch(self, cfg, batch):
             return Trial(batch, batch <= 6, batch * MIB, batch * MIB)
 
-        def extra(self, cfg, batch):
+        def extra(self, cfg, batch, tried=None):
             if batch >= 5:
                 return {"note": f"out of memory while timing at batch {batch}", "timing_failed": True}
             return {"train_s_per_iter": 0.5}
@@ -173,9 +174,9 @@ def test_profile_cli_writes_results_with_the_right_columns(tmp_path):
     assert len(payload["rows"]) == 4 and set(COLUMNS) <= set(payload["rows"][0])
     assert payload["settings"]["source"] == "estimated" and payload["rows"][0]["trials"][0]["batch"] == 1
     assert (out / "figure1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    table6 = (out / "table6.md").read_text()
-    assert "| Cityscapes (19; paper crop 400x800) | baseline | 14 | 12.1 |" in table6
-    assert "| ADE20k (150; paper crop 512x512) | ours (ESS) | 10 | 10.0 |" in table6
+    table6_md = (out / "table6.md").read_text()
+    assert "| Cityscapes (19; paper crop 400x800) | baseline | 14 | 12.1 |" in table6_md
+    assert "| ADE20k (150; paper crop 512x512) | ours (ESS) | 10 | 10.0 |" in table6_md
     assert "| 0.195 | 4.94 | - | - | - |" in (out / "table7.md").read_text()
 
 
@@ -183,6 +184,28 @@ def test_profile_cli_reports_bad_options_in_one_line(tmp_path):
     result = CliRunner().invoke(app, ["profile", "--device", "meta", "--methods", "baseline,fancy",
                                       "--out", str(tmp_path)])
     assert result.exit_code == 2 and "--methods: 'fancy' is not one of baseline, ess" in result.output
+    result = CliRunner().invoke(app, ["profile", "--device", "meta", "--methods", ",", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "--methods: no method given" in result.output
+    result = CliRunner().invoke(app, ["profile", "--set", "profile.methods=[]", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "profile.methods is empty" in result.output
+    (tmp_path / "a_file").write_text("")  # refused before the first (minutes-long) cell, not after it
+    result = CliRunner().invoke(app, ["profile", "--device", "meta", "--classes", "19", "--methods", "ess",
+                                      "--backbone", "resnet18", "--crop", "16", "--out", str(tmp_path / "a_file")])
+    assert result.exit_code == 2 and "--out" in result.output and "a_file: cannot create" in result.output
+
+
+def test_profile_search_and_notes_at_the_edges():
+    # batch 1 at a 16 px crop: BatchNorm refuses one value per channel, a failed trial, not a crash
+    spec = ProfileSpec(classes=[19], methods=["ess"], backbone="resnet18", crop=(16, 16), max_batch=4)
+    from esskit.profile.estimate import Estimator
+    from esskit.profile.search import profile_cell
+
+    row = profile_cell(spec, Estimator(spec.budget_bytes), "ess", 19, lambda row: None)
+    assert row["max_batch"] == 0 and row["note"].startswith("batch 1 does not run: BatchNorm sees one value")
+    # --batch equal to --max-batch ran no search: no "limit reached" note
+    fits = [Trial(4, True, MIB, MIB)]
+    assert _note(ProfileSpec(classes=[19], batch=4, max_batch=4), 4, fits) == ""
+    assert _note(ProfileSpec(classes=[19], max_batch=4), 4, fits) == "search limit --max-batch 4 reached"
 
 
 def test_profile_takes_its_grid_from_the_recipes_profile_section(tmp_path):
@@ -230,8 +253,9 @@ def test_cuda_measurer_control_flow_without_a_gpu(monkeypatch):
                         lambda cfg, device: builds.append(cfg.method.name) or (torch.nn.Linear(1, 1), None))
     monkeypatch.setattr(measure, "synthetic_batch", lambda cfg, batch, device: (batch, None))
     monkeypatch.setattr(measure, "inference_step", lambda model, images, amp: None)
+    estimated_at = []
     monkeypatch.setattr(measure, "estimate_training_peak",
-                        lambda cfg, batch, cap_bytes: MemoryEstimate(5 * MIB, 4 * MIB))
+                        lambda cfg, batch, cap_bytes: estimated_at.append(batch) or MemoryEstimate(5 * MIB, 4 * MIB))
 
     def step(model, optimizer, batch, target, cfg, amp, knn=None):
         if batch == 100:  # what torch raised for the baseline's 2^31+-element logits on an H200
@@ -256,6 +280,15 @@ def test_cuda_measurer_control_flow_without_a_gpu(monkeypatch):
     assert _note(spec, 0, [too_large]).startswith("batch 100 does not run: a kernel refused")
     row = measurer.extra(cfg, 6)
     assert row["estimated_peak_mib"] == 5.0 and row["train_s_per_iter"] >= 0 and row["infer_s_per_img"] >= 0
+    assert row["estimated_peak_allocated_mib"] == 4.0 and estimated_at == [6]
+    # Table 6 compares each estimate with its own measurement: reserved with reserved, allocated with allocated
+    text = table6([{**row, "method": "ess", "classes": 19, "max_batch": 6, "peak_mib": 5.5, "peak_allocated_mib": 4.0,
+                    "source": "measured", "note": ""}], {"backbone": "resnet18", "crop": [64, 64], "precision": "no", "embed_dim": 12,
+                                                        "k": 8, "budget_gib": 12, "source": "measured",
+                                                        "device_name": "fake"})
+    assert "| -9.1 % | +0.0 % |" in text
+    assert measurer.extra(cfg, 0, 8) == {"estimated_peak_mib": 5.0, "estimated_peak_allocated_mib": 4.0}
+    assert estimated_at[-1] == 8  # --batch 8 did not run: the estimate at 8, not at 1
     assert row["train_s_per_img"] == pytest.approx(row["train_s_per_iter"] / 6, abs=1e-4)
     assert row["knn_s_per_iter"] > 0 and 0 < row["knn_share"] < 1
     baseline = cell_config(Config(), method="baseline", num_classes=19, backbone="resnet18", crop=(64, 64),

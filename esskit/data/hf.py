@@ -39,6 +39,9 @@ def open_split(cfg, split: str):
     looks_local = source.startswith(("/", ".", "~")) or path.suffix == ".parquet"
     if looks_local and not path.exists():
         raise DataError(f"hf: {path} not found; expected {LAYOUT}")
+    # One split's file or folder named without '{split}' would serve train and val alike
+    one_split = (f"hf: {path} holds a single split, so data.train_split and data.val_split would read the same "
+                 f"rows; put '{{split}}' in data.root (one file or folder per split) or save a DatasetDict")
     try:
         if path.is_dir() and any((path / f).is_file() for f in ("dataset_dict.json", "state.json")):
             data = datasets.load_from_disk(str(path))
@@ -46,8 +49,12 @@ def open_split(cfg, split: str):
                 if split not in data:
                     raise DataError(f"hf: split {split!r} not in {path} (splits: {', '.join(data)})")
                 data = data[split]
+            elif "{split}" not in cfg.root:
+                raise DataError(one_split)
             return data
         if path.is_file():  # one parquet file is the split itself
+            if "{split}" not in cfg.root:
+                raise DataError(one_split)
             return datasets.load_dataset("parquet", data_files={split: str(path)}, split=split)
         if path.is_dir():  # parquet shards or an imagefolder, split from file or folder names
             return datasets.load_dataset(str(path), split=split)

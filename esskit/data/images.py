@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from esskit.errors import DataError
 
@@ -23,11 +23,22 @@ from esskit.errors import DataError
 _LABEL_MODES = {"P", "L", "I;16", "I;16B", "I;16L", "I", "1"}
 
 
-def read_image(path: str | Path) -> torch.Tensor:
-    """RGB image as uint8 [3, H, W] (greyscale and palette JPEGs/PNGs are converted to RGB)."""
+_WIDE_GREY = {"I;16", "I;16B", "I;16L", "I"}  # 16-bit greyscale (PIL opens some as 32-bit "I")
+
+
+def read_image(path: str | Path, upright: bool = False) -> torch.Tensor:
+    """RGB image as uint8 [3, H, W] (greyscale and palette JPEGs/PNGs are converted to RGB, 16-bit
+    greyscale scaled to 8 bits). `upright` applies the EXIF orientation, as image viewers show a
+    photo (`esskit predict`); dataset images are read as stored, as their masks were drawn."""
     try:
         with Image.open(path) as image:
-            array = np.asarray(image.convert("RGB"))
+            if upright:
+                image = ImageOps.exif_transpose(image)
+            if image.mode in _WIDE_GREY:  # PIL's convert("RGB") would clip every value above 255
+                grey = (np.asarray(image).astype(np.float64).clip(0, 65535) / 257).round().astype(np.uint8)
+                array = np.repeat(grey[..., None], 3, axis=-1)
+            else:
+                array = np.asarray(image.convert("RGB"))
     except (OSError, ValueError) as e:
         raise DataError(f"cannot read image {path}: {e}") from None
     return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))

@@ -80,9 +80,14 @@ def make_backend(spec: ProfileSpec):
 
 def run_profile(spec: ProfileSpec, out_dir: Path) -> list[dict]:
     """Profile every (method, C) of `spec` and write the results into `out_dir`."""
-    for method in spec.methods:  # fail on a bad recipe/--set before any work
+    for method in spec.methods:  # fail on a bad recipe/--set or --out before any work
         for num_classes in spec.classes:
             spec.config(method, num_classes)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--out {out_dir}: cannot create that folder ({e.strerror}); name a new or existing "
+                          f"folder") from None
     backend = make_backend(spec)
     start = time.perf_counter()
     settings = {

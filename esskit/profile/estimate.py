@@ -36,9 +36,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from esskit.config import Config
-from esskit.errors import EsskitError
+from esskit.errors import EsskitError, is_batchnorm_one_value
 from esskit.profile.allocator import Block, CachingAllocatorModel, SimulatedOutOfMemory, block_bytes
-from esskit.profile.search import Trial
+from esskit.profile.search import BATCHNORM_FAILURE, Trial
 from esskit.profile.step import MixedPrecision, build_training, synthetic_batch, training_step
 
 MIB = 2**20
@@ -195,8 +195,13 @@ class Estimator:
         self.budget_bytes = budget_bytes
 
     def try_batch(self, cfg: Config, batch: int) -> Trial:
-        estimate = estimate_training_peak(cfg, batch, cap_bytes=self.budget_bytes)
+        try:
+            estimate = estimate_training_peak(cfg, batch, cap_bytes=self.budget_bytes)
+        except ValueError as error:
+            if not is_batchnorm_one_value(error):
+                raise
+            return Trial(batch, False, failure=BATCHNORM_FAILURE)
         return Trial(batch, estimate.fits, estimate.peak_bytes, estimate.peak_allocated_bytes)
 
-    def extra(self, cfg: Config, batch: int) -> dict:
+    def extra(self, cfg: Config, batch: int, tried: int | None = None) -> dict:
         return {}  # no times: fake tensors do no work

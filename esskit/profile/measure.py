@@ -16,9 +16,9 @@ from statistics import median
 import torch
 
 from esskit.config import Config
-from esskit.errors import EsskitError
+from esskit.errors import EsskitError, is_batchnorm_one_value
 from esskit.profile.estimate import estimate_training_peak
-from esskit.profile.search import GIB, MIB, Trial
+from esskit.profile.search import BATCHNORM_FAILURE, GIB, MIB, Trial
 from esskit.profile.step import (MixedPrecision, TimedKnn, build_training, inference_step, synthetic_batch,
                                  training_step)
 
@@ -68,7 +68,7 @@ def failure_reason(error: BaseException) -> str | None:
         return "out of memory"
     if isinstance(error, RuntimeError) and any(m in str(error) for m in SIZE_LIMIT_MESSAGES):
         return "a kernel refused the tensor size (CUDA error: invalid argument; 2^31+ elements?)"
-    return None
+    return BATCHNORM_FAILURE if is_batchnorm_one_value(error) else None
 
 
 def release_memory(device: torch.device) -> None:
@@ -146,10 +146,12 @@ class CudaMeasurer:
             seconds.append((time.perf_counter() - start, knn.seconds if knn else 0.0))
         return seconds
 
-    def extra(self, cfg: Config, batch: int) -> dict:
-        """Times at the max batch, and the fake-tensor estimate at the same batch for comparison."""
-        estimate = estimate_training_peak(cfg, max(batch, 1), cap_bytes=self.budget_bytes)
-        row = {"estimated_peak_mib": round(estimate.peak_bytes / MIB, 1)}
+    def extra(self, cfg: Config, batch: int, tried: int | None = None) -> dict:
+        """Times at `batch` (the max batch or --batch; 0: none ran), and the fake-tensor estimate at
+        the same batch, or at `tried` when none ran, for comparison (reserved and allocated)."""
+        estimate = estimate_training_peak(cfg, batch or tried or 1, cap_bytes=self.budget_bytes)
+        row = {"estimated_peak_mib": round(estimate.peak_bytes / MIB, 1),
+               "estimated_peak_allocated_mib": round(estimate.peak_allocated_bytes / MIB, 1)}
         if batch == 0:
             return row
         release_memory(self.device)

@@ -3,13 +3,13 @@ Figure 1: max batch vs C) and table6.md/table7.md (the paper's Tables 6-7 beside
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
 from rich.live import Live
 from rich.table import Table
 
+from esskit.files import save_figure_atomic, write_atomic, write_csv_atomic
 from esskit.report import console, json_safe
 from esskit.profile.search import COLUMNS, ProfileSpec
 
@@ -66,17 +66,15 @@ def write_results(rows: list[dict], settings: dict, out_dir: Path) -> list[Path]
     """results.csv, results.json, table7.md and, when the max batch was searched (no --batch),
     figure1.png and table6.md in `out_dir`."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    # Rewritten after every cell, so atomically: a run killed mid-write keeps the last whole files
+    write_csv_atomic(out_dir / "results.csv", COLUMNS, rows)
     payload = {"settings": settings, "columns": list(COLUMNS), "rows": rows}
-    (out_dir / "results.json").write_text(json.dumps(json_safe(payload), indent=1) + "\n")
-    (out_dir / "table7.md").write_text(table7(rows, settings))
+    write_atomic(out_dir / "results.json", json.dumps(json_safe(payload), indent=1) + "\n")
+    write_atomic(out_dir / "table7.md", table7(rows, settings))
     names = ["results.csv", "results.json", "table7.md"]
     if not settings.get("batch"):
         plot_figure1(rows, settings, out_dir / "figure1.png")
-        (out_dir / "table6.md").write_text(table6(rows, settings))
+        write_atomic(out_dir / "table6.md", table6(rows, settings))
         names += ["figure1.png", "table6.md"]
     return [out_dir / n for n in names]
 
@@ -121,7 +119,7 @@ def plot_figure1(rows: list[dict], settings: dict, path: Path) -> None:
     ax.set_title(f"Max batch vs C ({title})", fontsize=7)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure_atomic(fig, path)
     plt.close(fig)
 
 
@@ -155,7 +153,7 @@ def table6(rows: list[dict], settings: dict) -> str:
         if measured:
             estimate = row.get("estimated_peak_mib")
             line += (f" {_fmt(estimate and estimate / 1024)} | {_error(estimate, row['peak_mib'])} | "
-                     f"{_error(estimate, row.get('peak_allocated_mib'))} |")
+                     f"{_error(row.get('estimated_peak_allocated_mib'), row.get('peak_allocated_mib'))} |")
         lines.append(line)
     text = "\n".join(lines) + "\n\n"
     if measured:

@@ -22,7 +22,10 @@ PRECISIONS = ("no", "fp16", "bf16")
 # `batch` is where peak and times were taken: the max batch, or --batch (then max_batch is empty).
 COLUMNS = ("device", "method", "backbone", "classes", "crop", "precision", "budget_gib", "max_batch", "batch",
            "peak_mib", "peak_allocated_mib", "train_s_per_iter", "train_s_per_img", "knn_s_per_iter", "knn_share",
-           "infer_s_per_img", "source", "estimated_peak_mib", "note")
+           "infer_s_per_img", "source", "estimated_peak_mib", "estimated_peak_allocated_mib", "note")
+
+
+BATCHNORM_FAILURE = "BatchNorm sees one value per channel (use a larger --crop)"
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,8 @@ class ProfileSpec:
     def __post_init__(self):
         if not self.classes or min(self.classes) < 2:
             raise ConfigError(f"--classes {self.classes}: give class counts >= 2, e.g. --classes 19,150,1284")
+        if not self.methods:
+            raise ConfigError(f"--methods: no method given; name some of {', '.join(METHODS)}")
         for method in self.methods:
             if method not in METHODS:
                 raise ConfigError(f"--methods: {method!r} is not one of {', '.join(METHODS)}")
@@ -112,7 +117,8 @@ class Backend(Protocol):
 
     def try_batch(self, cfg: Config, batch: int) -> Trial: ...
 
-    def extra(self, cfg: Config, batch: int) -> dict: ...  # timings etc. at that batch (none when 0)
+    # timings etc. at that batch (none when 0; `tried`: the batch that did not run, for --batch)
+    def extra(self, cfg: Config, batch: int, tried: int | None = None) -> dict: ...
 
 
 def profile_grid(spec: ProfileSpec, backend: Backend, on_update: Callable[[dict], None],
@@ -155,7 +161,7 @@ def profile_cell(spec: ProfileSpec, backend: Backend, method: str, num_classes: 
     row["note"] = _note(spec, best, trials)
     if best > 0:
         on_update({**row, "status": "timing"})
-    extra = backend.extra(cfg, best)
+    extra = backend.extra(cfg, best, spec.batch)
     # Two steps fitted but the timed run did not (fragmentation builds up over more steps): the max
     # batch is one that keeps training, so step down while a smaller batch fits (not with --batch).
     while extra.pop("timing_failed", False) and not spec.batch and best > 1:
@@ -188,7 +194,7 @@ def _note(spec: ProfileSpec, best: int, trials: list[Trial]) -> str:
         if needed is None:
             return "batch 1 does not fit (out of memory)"
         return f"batch 1 needs {needed / GIB:.1f} GiB > {spec.budget_gib:g} GiB budget"
-    if best == spec.max_batch:
+    if best == spec.max_batch and not spec.batch:
         return f"search limit --max-batch {spec.max_batch} reached"
     return ""
 
