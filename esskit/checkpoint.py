@@ -30,6 +30,7 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, keep: in
             shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=True)
+    accelerator.wait_for_everyone()  # every rank's files (random_states_N.pkl) are in tmp before it is marked whole
     if accelerator.is_main_process:
         state = tmp / STATE_FILE
         state.write_text(json.dumps({"step": step}))

@@ -27,7 +27,7 @@ from esskit.inference import infer
 from esskit.losses import segmentation_loss
 from esskit.metrics import SegMetrics
 from esskit.models import build_model, predict_labels
-from esskit.optim import build_optimizer, build_scheduler
+from esskit.optim import build_optimizer, build_scheduler, resume_schedule
 from esskit.syncbn import convert_sync_batchnorm
 
 
@@ -86,6 +86,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict | None:
     start = 0
     if checkpoint:
         accelerator.load_state(str(checkpoint))
+        resume_schedule(optimizer, scheduler, cfg)
         start = checkpoint_step(checkpoint)
         report.info(accelerator, f"resumed from {checkpoint} at step {start}")
     effective = cfg.train.batch_size * cfg.train.grad_accum * accelerator.num_processes
@@ -95,7 +96,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict | None:
                 f"scaled with the batch), run dir {run_dir}")
     batches = endless_batches(accelerator, loader, start * cfg.train.grad_accum)
     log = report.MetricsLog(run_dir / "metrics.jsonl", accelerator.is_main_process)
-    log.restart(start if checkpoint else None)
+    log.restart(start if checkpoint else None, final_step=cfg.train.steps)
     stop = StopSignal()
     steps, accum = cfg.train.steps, cfg.train.grad_accum
     with stop, report.TrainProgress(accelerator, start, steps) as progress:
@@ -186,11 +187,17 @@ def evaluate(accelerator: Accelerator, model: torch.nn.Module, cfg: Config, data
     loader = DataLoader(shard, cfg.eval.batch_size, num_workers=cfg.data.num_workers, collate_fn=list)
     metrics = SegMetrics(cfg.data.num_classes, device=accelerator.device)
     model.eval()
+    # Without the DDP wrapper, whose forward broadcasts buffers: a process with fewer (or no) images
+    # would leave that collective unpaired. Its one broadcast, done here once: rank 0's BN statistics.
+    net = accelerator.unwrap_model(model)
+    if accelerator.num_processes > 1:
+        for buffer in net.buffers():
+            torch.distributed.broadcast(buffer, src=0)
     for batch in report.eval_progress(accelerator, loader):
         images, target = stack_same_size(batch, cfg)
         images, target = images.to(accelerator.device), target.to(accelerator.device)
         with accelerator.autocast():
-            output = infer(model, images, cfg.eval)
+            output = infer(net, images, cfg.eval)
         metrics.update(predict_labels(output, target.shape[-2:]), target)
     metrics.all_reduce()
     # class_pixels: target pixels per class, the frequency that `evaluate --per-class` sorts by (Fig. 6)

@@ -10,12 +10,21 @@ import os
 import tempfile
 from pathlib import Path
 
+_UMASK = os.umask(0o022)  # read once, at import (os.umask can only read by setting)
+os.umask(_UMASK)
+
+
+def _mode() -> int:
+    """What open() would give a new file: mkstemp's 0600 would make run files private."""
+    return 0o666 & ~_UMASK
+
 
 def write_atomic(path: str | Path, text: str) -> None:
     """Write `text` to a temporary file beside `path`, flush it to disk, and rename it into place."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, _mode())
         with os.fdopen(fd, "w", newline="") as f:
             f.write(text)
             f.flush()
@@ -39,6 +48,7 @@ def save_figure_atomic(fig, path: str | Path, **savefig_kwargs) -> None:
     """matplotlib's `fig.savefig` to a temporary file beside `path`, renamed into place."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, _mode())
     os.close(fd)
     try:
         fig.savefig(tmp, format=path.suffix.lstrip(".") or None, **savefig_kwargs)

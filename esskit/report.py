@@ -43,9 +43,10 @@ class MetricsLog:
     def __init__(self, path: Path, enabled: bool):
         self.path, self.enabled = path, enabled
 
-    def restart(self, through_step: int | None) -> None:
+    def restart(self, through_step: int | None, final_step: int | None = None) -> None:
         """Start a fresh log, or (on resume) keep the records of steps <= `through_step`: the steps
-        after the resumed checkpoint are trained and logged again, and must not appear twice."""
+        after the resumed checkpoint are trained and logged again, and must not appear twice; nor the
+        final evaluation at `final_step`, which runs again after the loop."""
         if not self.enabled:
             return
         kept = []
@@ -55,7 +56,7 @@ class MetricsLog:
                     record = json.loads(line)
                 except json.JSONDecodeError:
                     continue  # a line cut short by a crash mid-write
-                if record.get("step", 0) <= through_step:
+                if record.get("step", 0) <= through_step and not ("eval" in record and record["step"] == final_step):
                     kept.append(line + "\n")
         write_atomic(self.path, "".join(kept))
 

@@ -165,6 +165,10 @@ def test_invalid_toml_names_file(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_config(path)
     assert "broken.toml" in str(err.value) and "TOML" in str(err.value)
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes(b"[train]\nsteps = 4 # caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"latin1.toml: not UTF-8 text \(byte 23\)"):
+        load_config(latin1)
 
 
 def test_section_not_a_table(tmp_path):

@@ -31,8 +31,8 @@ def sets(overrides):
     return [a for o in overrides for a in ("--set", o)]
 
 
-def run(cmd, env=None, check=True):
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT,
+def run(cmd, env=None, check=True, timeout=600):
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
                           env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -191,3 +191,35 @@ def test_non_finite_loss_on_one_process_stops_all_without_hanging(tmp_path):
     # Both ranks see the all-reduced loss, so both report the same step and exit.
     assert proc.stderr.count("loss is nan at step 2") == 2, proc.stderr[-2000:]
     assert not list((tmp_path / "run").glob("checkpoint-*"))
+
+
+SLOW_SAVE_ON_RANK_1 = textwrap.dedent("""
+    import os, sys, time
+    import accelerate
+    real_save = accelerate.Accelerator.save_state
+
+    def slow_on_rank_1(self, output_dir=None, **kwargs):
+        if self.process_index == 1:  # its random_states_1.pkl comes late
+            time.sleep(2)
+        return real_save(self, output_dir, **kwargs)
+
+    accelerate.Accelerator.save_state = slow_on_rank_1
+    from esskit.cli import app
+    app(sys.argv[1:])
+""")
+
+
+def test_uneven_ranks_save_whole_checkpoints_and_evaluate_without_hanging(tmp_path):
+    # Rank 1 writes its checkpoint files 2 s late: the checkpoint is marked whole only with them in
+    # it. One validation image: rank 1 evaluates none, and must not wait on a collective rank 0 skips.
+    driver, run_dir = tmp_path / "driver.py", tmp_path / "run"
+    driver.write_text(SLOW_SAVE_ON_RANK_1)
+    proc = run([str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no", str(driver), "train", str(RECIPE),
+                "--out", str(run_dir), *sets(TINY + ["data.synthetic_val_size=1"])], check=False, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (run_dir / "checkpoint-00000004" / "random_states_1.pkl").is_file()
+    distributed = json.loads((run_dir / "eval.json").read_text())
+    single("evaluate", str(RECIPE), "--checkpoint", str(run_dir), *sets(TINY + ["data.synthetic_val_size=1"]))
+    alone = json.loads((run_dir / "eval.json").read_text())
+    assert distributed["pixels"] == alone["pixels"] > 0 and distributed["mIoU"] == pytest.approx(alone["mIoU"])

@@ -77,6 +77,23 @@ def test_resume_equals_straight_run(tmp_path):
     assert losses[0] == losses[1]
 
 
+def test_resume_applies_the_recipes_optim_values_and_schedule(tmp_path):
+    # A resume may change optim.* and train.steps (config.toml records the new values): the next step
+    # runs at the new schedule's lr, the optimizer with the new momentum, not the checkpoint's.
+    run = tmp_path / "run"
+    tiny = TINY + ["optim.warmup_steps=0", "optim.lr=0.002"]
+    assert esskit("train", str(RECIPE), "--out", str(run), overrides=tiny + ["train.stop_after=2"]).exit_code == 0
+    result = esskit("train", str(RECIPE), "--resume", str(run),
+                    overrides=tiny + ["train.steps=8", "optim.lr=0.02", "optim.momentum=0.5"])
+    assert result.exit_code == 0, result.output
+    lr = {r["step"]: r["lr"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "lr" in r}
+    assert lr[2] == pytest.approx(0.002 * (1 - 1 / 4) ** 0.9)  # before the resume: the old schedule
+    assert lr[3] == pytest.approx(0.02 * (1 - 2 / 8) ** 0.9) and lr[8] == pytest.approx(0.02 * (1 - 7 / 8) ** 0.9)
+    groups = torch.load(run / "checkpoint-00000008" / "optimizer.bin", weights_only=False)["param_groups"]
+    head = next(g for g in groups if g["name"] == "head")
+    assert head["momentum"] == 0.5 and head["initial_lr"] == 0.02
+
+
 def test_resume_refuses_a_different_model(tmp_path):
     run = tmp_path / "run"
     assert esskit("train", str(RECIPE), "--out", str(run), overrides=TINY + ["train.stop_after=1"]).exit_code == 0

@@ -151,6 +151,10 @@ def test_metrics_log_starts_fresh_and_resume_drops_steps_after_the_checkpoint(tm
     assert [(r["step"], "eval" in r) for r in records(run)] == [(1, False), (2, False), (3, False), (4, False),
                                                                 (4, True)]
     assert written == ["eval.json"]  # atomically, never half a file
+    monkeypatch.undo()  # a finished run resumed evaluates again, and logs that evaluation once
+    assert train(run, "train.steps=4", "train.save_every=2", "train.keep_checkpoints=3", resume=True).exit_code == 0
+    assert [(r["step"], "eval" in r) for r in records(run)] == [(1, False), (2, False), (3, False), (4, False),
+                                                                (4, True)]
 
 
 def test_a_crashed_save_leaves_no_temporary_checkpoint_behind(tmp_path):

@@ -46,3 +46,13 @@ def test_csv_and_figure_writes_are_whole_or_untouched(tmp_path, monkeypatch):
     plt.close(fig)
     assert (tmp_path / "figure1.png").read_bytes()[:4] == b"\x89PNG"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["figure1.png", "results.csv"]
+
+
+def test_atomic_writes_get_the_umask_mode_not_mkstemps_0600(tmp_path):
+    import esskit.files as files
+
+    write_atomic(tmp_path / "eval.json", "{}")
+    with open(tmp_path / "plain", "w"):  # what open() gives, the umask applied
+        pass
+    assert (tmp_path / "eval.json").stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777
+    assert files._mode() == 0o666 & ~files._UMASK
