@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from esskit.config import EvalConfig
 from esskit.losses import upsample
@@ -22,8 +23,9 @@ def _windows(size: int, crop: int, stride: int) -> list[int]:
 def infer(model: torch.nn.Module, images: torch.Tensor, cfg: EvalConfig) -> dict:
     """The model's output dict with per-pixel maps at the image's full resolution.
 
-    Sliding windows average the upsampled per-pixel outputs where windows overlap (logits for
-    the baseline; embeddings for ESS, which `predict_labels` renormalises)."""
+    Sliding windows average the upsampled per-pixel outputs where windows overlap: logits for the
+    baseline, embeddings for ESS (unit ones when its loss normalises; `predict_labels` renormalises
+    the mean), which ranks classes as averaging ESS's logits would."""
     size = images.shape[-2:]
     if cfg.mode == "whole":
         output = model(images)
@@ -36,6 +38,10 @@ def infer(model: torch.nn.Module, images: torch.Tensor, cfg: EvalConfig) -> dict
             output = model(window)
             key = next(k for k in MAP_KEYS if k in output)
             part = upsample(output[key].float(), window.shape[-2:])
+            if key == "embeddings" and output.get("normalize", True) and not output.get("unit_at_stride", False):
+                # as mmseg averages logits: the mean of -|x^ - mu^|^2 / tau over windows ranks classes as
+                # the mean of the unit x^ does (a raw x's norm, which no loss trains, would weight its window)
+                part = F.normalize(part, dim=1)
             if total is None:
                 total = images.new_zeros(images.shape[0], part.shape[1], *size, dtype=torch.float32)
             total[..., top:top + ch, left:left + cw] += part

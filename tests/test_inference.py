@@ -1,8 +1,11 @@
 """Sliding-window inference against whole-image inference on a context-free model."""
 
+import math
+
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from esskit.config import EvalConfig
 from esskit.inference import _windows, infer
@@ -33,8 +36,31 @@ def test_slide_equals_whole_for_a_pixelwise_model(key, channels):
     images = torch.randn(2, 3, 37, 53)
     whole = infer(model, images, EvalConfig(mode="whole"))
     slide = infer(model, images, EvalConfig(mode="slide", crop=[16, 20], stride=[10, 13]))
+    if key == "embeddings":  # windows average unit embeddings (the ESS loss trains directions only)
+        slide[key], whole[key] = F.normalize(slide[key], dim=1), F.normalize(whole[key], dim=1)
     torch.testing.assert_close(slide[key], whole[key])
     assert torch.equal(predict_labels(slide, (37, 53)), predict_labels(whole, (37, 53)))
+
+
+def test_slide_averages_unit_embeddings_as_mmseg_averages_logits():
+    # Two windows see the overlap as 10 (cos 40, sin 40) and 1 (cos 80, sin 80): the mean of ESS's
+    # logits -|x^ - mu^|^2 / tau ranks classes by the mean unit vector (60 deg: class 1 at 62 deg);
+    # averaging the raw vectors would let the long one win (43 deg: class 0 at 45 deg)
+    def unit(deg):
+        return torch.tensor([math.cos(math.radians(deg)), math.sin(math.radians(deg))])
+
+    class TwoWindows(nn.Module):
+        calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            vector = 10 * unit(40) if self.calls == 1 else unit(80)
+            return {"embeddings": vector.view(1, 2, 1, 1).expand(x.shape[0], 2, *x.shape[-2:]),
+                    "class_embeddings": torch.stack([unit(45), unit(62)]), "normalize": True}
+
+    out = infer(TwoWindows(), torch.zeros(1, 3, 8, 30), EvalConfig(mode="slide", crop=[8, 20], stride=[8, 10]))
+    labels = predict_labels(out, (8, 30))[0]
+    assert (labels[:, :10] == 0).all() and (labels[:, 10:20] == 1).all() and (labels[:, 20:] == 1).all()
 
 
 def test_windows_cover_every_pixel_and_stay_inside():
