@@ -223,9 +223,14 @@ class EvalConfig:
     mode: str = "whole"  # "whole" image or "slide" (sliding windows, for Cityscapes-size images)
     crop: list[int] = field(default_factory=lambda: [512, 1024])  # slide: window [H, W]
     stride: list[int] = field(default_factory=lambda: [341, 682])  # slide: step [H, W]
+    # mmseg's single-scale test: rescale each image into this box keeping its aspect ratio (as
+    # data.base_size at ratio 1) before the model, score at the label's size; [] = the image's own size
+    scale: list[int] = field(default_factory=list)
 
     def __post_init__(self):
         _check_choice("eval", "mode", self.mode, ("whole", "slide"))
+        if self.scale and (len(self.scale) != 2 or min(self.scale) <= 0):
+            raise ConfigError(f"eval.scale = {self.scale} must be [] or two positive sizes (short and long side)")
         for name in ("crop", "stride"):
             value = getattr(self, name)
             if len(value) != 2 or min(value) <= 0:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 
 from esskit.config import EvalConfig
+from esskit.data.transforms import keep_ratio_size
 from esskit.losses import upsample
 
 MAP_KEYS = ("logits", "embeddings")  # per-pixel outputs; other keys (class embeddings) pass through
@@ -21,12 +24,20 @@ def _windows(size: int, crop: int, stride: int) -> list[int]:
 
 @torch.no_grad()
 def infer(model: torch.nn.Module, images: torch.Tensor, cfg: EvalConfig) -> dict:
-    """The model's output dict with per-pixel maps at the image's full resolution.
+    """The model's output dict with per-pixel maps at the images' resolution. With `eval.scale` the
+    model sees the images rescaled into that box (mmseg's test-time Resize, keep_ratio) and the maps
+    are upsampled back to the images' own size.
 
     Sliding windows average the upsampled per-pixel outputs where windows overlap: logits for the
     baseline, embeddings for ESS (unit ones when its loss normalises; `predict_labels` renormalises
     the mean), which ranks classes as averaging ESS's logits would."""
     size = images.shape[-2:]
+    if cfg.scale:
+        scaled = keep_ratio_size(size, cfg.scale)
+        if scaled != list(size):
+            output = infer(model, F.interpolate(images, scaled, mode="bilinear", align_corners=False),
+                           replace(cfg, scale=[]))
+            return {k: upsample(v, size) if k in MAP_KEYS else v for k, v in output.items()}
     if cfg.mode == "whole":
         output = model(images)
         return {k: upsample(v.float(), size) if k in MAP_KEYS else v for k, v in output.items()}

@@ -71,3 +71,26 @@ def test_windows_cover_every_pixel_and_stay_inside():
             assert 0 <= s and s + min(crop, size) <= size
             covered[s:s + crop] = True
         assert covered.all()
+
+
+def test_eval_scale_feeds_the_model_the_mmseg_test_size_and_scores_at_the_label_size():
+    # eval.scale = [512, 2048] on a 375 x 500 VOC-sized image: the model sees 512 x 683 (mmcv's
+    # rescale_size), the maps come back at 375 x 500; slide windows then tile the rescaled image
+    seen = []
+
+    class Recording(nn.Module):
+        def forward(self, x):
+            seen.append(tuple(x.shape[-2:]))
+            return {"logits": x[:, :2]}
+
+    images = torch.randn(1, 3, 375, 500)
+    out = infer(Recording(), images, EvalConfig(scale=[512, 2048]))
+    assert seen == [(512, 683)] and out["logits"].shape[-2:] == (375, 500)
+    expected = F.interpolate(F.interpolate(images, (512, 683), mode="bilinear"), (375, 500), mode="bilinear")
+    torch.testing.assert_close(out["logits"], expected[:, :2])
+    seen.clear()
+    infer(Recording(), images, EvalConfig(scale=[512, 2048], mode="slide", crop=[512, 512], stride=[341, 341]))
+    assert seen == [(512, 512), (512, 512)]
+    seen.clear()
+    infer(Recording(), torch.randn(1, 3, 512, 1024), EvalConfig(scale=[512, 2048]))  # fits already: as is
+    assert seen == [(512, 1024)]

@@ -24,15 +24,20 @@ class RandomRescale:
     tv_tensors.Mask, are resized with nearest interpolation."""
 
     def __init__(self, scale, ratio_range):
-        self.long, self.short = max(scale), min(scale)
-        self.low, self.high = ratio_range
+        self.scale, (self.low, self.high) = scale, ratio_range
 
     def __call__(self, image, mask):
-        h, w = image.shape[-2:]
         ratio = self.low + float(torch.rand(())) * (self.high - self.low)
-        factor = ratio * min(self.long / max(h, w), self.short / min(h, w))
-        size = [max(1, int(h * factor + 0.5)), max(1, int(w * factor + 0.5))]
+        size = keep_ratio_size(image.shape[-2:], self.scale, ratio)
         return v2.functional.resize(image, size), v2.functional.resize(mask, size)
+
+
+def keep_ratio_size(size, box, ratio: float = 1.0) -> list[int]:
+    """[H, W] of an image of `size` rescaled into `box` * ratio keeping its aspect ratio: the long
+    side against the box's long edge, the short against the short (mmcv's rescale_size)."""
+    h, w = size
+    factor = ratio * min(max(box) / max(h, w), min(box) / min(h, w))
+    return [max(1, int(h * factor + 0.5)), max(1, int(w * factor + 0.5))]
 
 
 def train_transforms(cfg: DataConfig) -> v2.Compose:
