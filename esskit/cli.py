@@ -23,7 +23,10 @@ def option_or_none(kind: type, help: str):
 
 
 def _fail(error: Exception) -> None:
-    typer.echo(f"error: {error}", err=True)
+    message = str(error)
+    if "Original Traceback" in message:  # raised in a DataLoader worker: torch prepends the worker's traceback
+        message = message.strip().splitlines()[-1].split(f"{type(error).__name__}: ", 1)[-1]
+    typer.echo(f"error: {message}", err=True)
     raise typer.Exit(2)
 
 

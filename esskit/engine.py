@@ -76,6 +76,8 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict | None:
     if len(train_set) < cfg.train.batch_size * accelerator.num_processes:
         raise ConfigError(f"train.batch_size = {cfg.train.batch_size} is larger than the training set "
                           f"({len(train_set)} images)")
+    if accelerator.is_main_process:  # now that the recipe's model and data load: a refused run leaves the old one
+        save_config(cfg, run_dir / "config.toml")
     sampler = EpochSampler(len(train_set), cfg.train.seed)
     loader = DataLoader(train_set, cfg.train.batch_size, sampler=sampler, drop_last=True,
                         num_workers=cfg.data.num_workers, pin_memory=accelerator.device.type == "cuda",
@@ -214,17 +216,30 @@ def stack_same_size(batch: list, cfg: Config) -> tuple[torch.Tensor, torch.Tenso
     return torch.stack([image for image, _ in batch]), torch.stack([target for _, target in batch])
 
 
-def finish_eval(accelerator: Accelerator, run_dir: Path, cfg: Config, result: dict, step: int) -> None:
+def finish_eval(accelerator: Accelerator, run_dir: Path, cfg: Config, result: dict, step: int,
+                log: bool = True) -> None:
+    """eval.json, and with `log` (training's final evaluation) its record in metrics.jsonl."""
     if accelerator.is_main_process:
         payload = {"step": step, "method": cfg.method.name, "num_classes": cfg.data.num_classes, **result}
         write_atomic(run_dir / "eval.json", json.dumps(report.json_safe(payload), indent=1))
-        report.MetricsLog(run_dir / "metrics.jsonl", True).write({"step": step, "eval": report.scalars(result)})
+        if log:
+            report.MetricsLog(run_dir / "metrics.jsonl", True).write({"step": step, "eval": report.scalars(result)})
         report.metrics_table(result, title=f"{cfg.method.name} · {cfg.data.name} · step {step}")
+
+
+# Keys that change what a checkpoint's outputs mean without changing its weights' shapes
+MEANING_KEYS = ("method.normalize", "method.variant", "data.mean", "data.std")
 
 
 def evaluate_checkpoint(cfg: Config, checkpoint_path: Path) -> dict:
     """`esskit evaluate`: the recipe's model with the checkpoint's weights on the validation split."""
     checkpoint = find_checkpoint(checkpoint_path)
+    trained = checkpoint.parent / "config.toml"
+    if trained.is_file():
+        diffs = _differences(load_config(trained), cfg, MEANING_KEYS)
+        if diffs:
+            raise ConfigError(f"the recipe differs from {trained} in {diffs}, which the checkpoint was trained "
+                              f"with; evaluate with that recipe")
     accelerator = make_accelerator(cfg)
     val_set = build_split(cfg, "val_split", train=False)
     model = model_from_config(cfg, pretrained=False)
@@ -232,25 +247,23 @@ def evaluate_checkpoint(cfg: Config, checkpoint_path: Path) -> dict:
     model = accelerator.prepare(model)
     result = evaluate(accelerator, model, cfg, val_set)
     run_dir = checkpoint.parent
-    finish_eval(accelerator, run_dir, cfg, result, checkpoint_step(checkpoint))
+    finish_eval(accelerator, run_dir, cfg, result, checkpoint_step(checkpoint), log=False)  # not the training log
     return result
 
 
 def prepare_run_dir(run_dir: Path, cfg: Config, resume: bool, is_main: bool) -> Path | None:
     """Check the run directory before any work: writable, not silently overwritten, and on resume
     holding a run of the same model shape whose checkpoint train.steps has not passed. Returns the
-    checkpoint to resume from."""
+    checkpoint to resume from. (`train` writes config.toml once the recipe's model and data load.)"""
     checkpoint = None
     if resume:
         saved = run_dir / "config.toml"
         if not saved.is_file():
             raise ConfigError(f"--resume {run_dir}: no config.toml there; pass a run directory written by "
                               f"`esskit train`")
-        old = load_config(saved)
-        diffs = [k for k in SHAPE_KEYS if _get(old, k) != _get(cfg, k)]
+        diffs = _differences(load_config(saved), cfg, SHAPE_KEYS)
         if diffs:
-            raise ConfigError(f"--resume {run_dir}: the recipe differs from the run in " + ", ".join(
-                f"{k} ({_get(old, k)!r} -> {_get(cfg, k)!r})" for k in diffs))
+            raise ConfigError(f"--resume {run_dir}: the recipe differs from the run in {diffs}")
         checkpoint = find_checkpoint(run_dir)
         if cfg.train.steps < (at := checkpoint_step(checkpoint)):
             raise ConfigError(f"train.steps = {cfg.train.steps} but {checkpoint} is at step {at}; "
@@ -266,8 +279,12 @@ def prepare_run_dir(run_dir: Path, cfg: Config, resume: bool, is_main: bool) -> 
             probe.unlink()
         except OSError as e:
             raise ConfigError(f"run directory {run_dir} is not writable: {e.strerror}") from None
-        save_config(cfg, run_dir / "config.toml")
     return checkpoint
+
+
+def _differences(old: Config, new: Config, keys) -> str:
+    """The `keys` whose values differ, as "key (old -> new), ..." ("" when none)."""
+    return ", ".join(f"{k} ({_get(old, k)!r} -> {_get(new, k)!r})" for k in keys if _get(old, k) != _get(new, k))
 
 
 def _get(cfg: Config, dotted: str):

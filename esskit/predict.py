@@ -63,13 +63,16 @@ def load_run(path: Path) -> Run:
                palette_for(cfg.data.name, cfg.data.num_classes))
 
 
-def collect_images(inputs: list[Path]) -> list[tuple[Path, Path]]:
+def collect_images(inputs: list[Path], out: Path | None = None) -> list[tuple[Path, Path]]:
     """(image, output name without suffix) for each file and each image under each directory;
-    a directory's images keep their relative path so that equal file names do not collide."""
+    a directory's images keep their relative path so that equal file names do not collide. Files
+    under `out` (an earlier run's masks, when --out lies inside an input directory) are skipped."""
     found: list[tuple[Path, Path]] = []
+    skip = out.resolve() if out is not None else None
     for item in inputs:
         if item.is_dir():
-            files = sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            files = sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                           and not (skip and p.resolve().is_relative_to(skip)))
             if not files:
                 raise DataError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under directory {item}")
             found += [(p, p.relative_to(item).with_suffix("")) for p in files]
@@ -104,7 +107,12 @@ def predict_images(run: Run, images: list[tuple[Path, Path]], out: Path, overlay
             progress(len(records), len(images))
 
     for path, name in images:
-        image = read_image(path, upright=True)  # labels as the photo is shown
+        try:
+            image = read_image(path, upright=True)  # labels as the photo is shown
+        except DataError:
+            if pending:  # the images before the unreadable one are written
+                flush()
+            raise
         if pending and (len(pending) == batch_size or pending[0][2].shape != image.shape):
             flush()
         pending.append((path, name, image))
@@ -202,7 +210,7 @@ def run_predict(checkpoint: Path, inputs: list[Path], out: Path, overlay: bool =
 
     if batch_size < 1:
         raise ConfigError(f"--batch-size {batch_size} must be >= 1")
-    images = collect_images(inputs)
+    images = collect_images(inputs, out)
     run = load_run(checkpoint)
     columns = [TextColumn("[bold]predict"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
     with Progress(*columns, console=Console(stderr=True), transient=True, disable=len(images) < 2) as bar:

@@ -195,6 +195,15 @@ def test_build_rules_resume_and_corrupt_annotation(tmp_path):
     assert three[12, 30] == 50 and three[2, 6] == 1 and three[4, 2] == 2  # banner; triangle; box outside it
     assert three[20, 30] == 110 and three[38, 30] == 1217  # blanket -> 110, not chained on to desk-stuff's 1217
     assert three[33, 45] == 110  # LVIS 110 over desk-stuff: an LVIS value is never remapped as a stuff id
+    # another set of inputs into the same --out would keep masks built without them: refused
+    (tmp_path / "stuff_val.json").write_text((tmp_path / "stuff.json").read_text())
+    other = CliRunner().invoke(app, ["build-dataset", "coco-lvis", "--lvis-json", str(tmp_path / "lvis.json"),
+                                     "--stuff-json", str(tmp_path / "stuff.json"),
+                                     "--stuff-json", str(tmp_path / "stuff_val.json"), "--out", str(out)])
+    assert other.exit_code == 2 and "holds masks built from other input files" in other.output
+    (tmp_path / "a_file").write_text("")
+    blocked = build(tmp_path, tmp_path / "a_file")
+    assert blocked.exit_code == 2 and "a_file cannot be created" in blocked.output
     assert not list(out.glob(".*partial"))
     classes = json.loads((out / "classes.json").read_text())
     assert len(classes) == 1285 and classes["0"] == "unlabeled" and classes["1050"] == "table"
@@ -274,4 +283,4 @@ def test_classes_json_is_written_atomically(tmp_path, monkeypatch):
                         lambda path, text: (atomic.append(path), esskit.files.write_atomic(path, text)))
     lvis_json, stuff_json = write_fixture(tmp_path, corrupt=False)
     build_masks(lvis_json, [stuff_json], tmp_path / "out", workers=1)
-    assert atomic == [tmp_path / "out" / "classes.json"]
+    assert atomic == [tmp_path / "out" / "inputs.json", tmp_path / "out" / "classes.json"]

@@ -171,3 +171,38 @@ def test_batchnorm_with_one_value_per_channel_is_a_one_line_error(tmp_path):
     result = train(tmp_path / "run", "train.batch_size=1", "data.crop=[16,16]", "data.base_size=[16,16]",
                    "data.synthetic_image_size=16")
     one_line_error(result, "train.batch_size = 1", "data.crop = [16, 16]", "model.norm = 'gn'")
+
+
+def test_refused_resume_keeps_config_and_evaluate_checks_what_the_weights_mean(tmp_path):
+    run = tmp_path / "run"
+    assert train(run, "train.stop_after=1", "method.normalize=false").exit_code == 0
+    saved = (run / "config.toml").read_text()
+    # a resume that fails on its data leaves the run's recipe as it was (predict and analyze read it)
+    one_line_error(train(run, "method.normalize=false", "train.steps=8", "data.val_split=vall", resume=True),
+                   "data.val_split = 'vall'")
+    assert (run / "config.toml").read_text() == saved
+    assert train(run, "method.normalize=false", resume=True).exit_code == 0
+    logged = records(run)
+    # the checkpoint was trained on raw vectors: evaluating it as a normalised model is refused
+    one_line_error(esskit("evaluate", str(RECIPE), "--checkpoint", str(run), overrides=TINY),
+                   "method.normalize (False -> True)", "evaluate with that recipe")
+    result = esskit("evaluate", str(RECIPE), "--checkpoint", str(run), overrides=TINY + ["method.normalize=false"])
+    assert result.exit_code == 0, result.output
+    assert records(run) == logged  # evaluate writes eval.json, not the training log
+
+
+def test_errors_raised_in_dataloader_workers_stay_one_line(capsys):
+    # torch re-raises a worker's DataError with the worker's traceback in its message (num_workers > 0,
+    # as every real-data recipe runs): the CLI prints the original error's line only
+    import typer
+
+    from esskit.cli import _fail
+    from esskit.errors import DataError
+
+    wrapped = DataError("Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call "
+                        "last):\n  File \"x.py\", line 1, in f\nesskit.errors.DataError: mask m.png is 10x10 but "
+                        "image i.png is 40x60\n")
+    with pytest.raises(typer.Exit) as exit_:
+        _fail(wrapped)
+    assert exit_.value.exit_code == 2
+    assert capsys.readouterr().err == "error: mask m.png is 10x10 but image i.png is 40x60\n"

@@ -205,3 +205,19 @@ def test_predict_bad_input_is_one_line_error(tmp_path, ess_run):
     result = runner.invoke(app, ["predict", "--checkpoint", str(tmp_path / "empty"), str(image),
                                  "--out", str(tmp_path / "o")])
     assert result.exit_code == 2 and "no complete checkpoint" in result.output
+
+
+def test_predict_keeps_what_came_before_an_unreadable_image_and_skips_its_own_outputs(tmp_path, ess_run):
+    folder = tmp_path / "photos"
+    save_images(folder)
+    (folder / "m_broken.png").write_text("not a png")  # sorted after a.png, before sub/b.jpg
+    result = runner.invoke(app, ["predict", "--checkpoint", str(ess_run), str(folder), "--out", str(tmp_path / "o"),
+                                 "--batch-size", "4"])
+    assert result.exit_code == 2 and "m_broken.png" in result.output
+    assert (tmp_path / "o" / "a_labels.png").is_file()  # written before the error, not dropped with the batch
+    (folder / "m_broken.png").unlink()
+    for _ in range(2):  # --out inside the input folder: the second run does not predict the first's masks
+        result = runner.invoke(app, ["predict", "--checkpoint", str(ess_run), str(folder), "--out", str(folder / "masks")])
+        assert result.exit_code == 0, result.output
+    assert not (folder / "masks" / "masks").exists()
+    assert len(json.loads((folder / "masks" / "predictions.json").read_text())["images"]) == 3

@@ -222,6 +222,22 @@ def class_names(lvis: dict, stuff_files: list[dict], lvis_path: Path, stuff_path
     return {str(v): names[v] for v in sorted(names)}
 
 
+def _claim_out_dir(out: Path, inputs: dict) -> None:
+    """Create `out` and record the input files there (inputs.json): a resumed build keeps the masks
+    already written, so it must read the same files (fixed in place is fine: only failed images are
+    built again), not another set, e.g. a --stuff-json added after the warning about images in none."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"--out {out} cannot be created: {e.strerror}") from None
+    record = out / "inputs.json"
+    built = record.is_file() and any(out.glob("*.png"))
+    if built and json.loads(record.read_text()) != inputs:
+        raise DataError(f"--out {out} holds masks built from other input files ({record}); build into a new "
+                        f"--out, or delete it to rebuild")
+    write_atomic(record, json.dumps(inputs, indent=1))
+
+
 def build_masks(lvis_json: Path, stuff_jsons: list[Path], out: Path, workers: int = 0,
                 progress=None) -> BuildReport:
     """Write out/<image id:012d>.png for every image of `lvis_json`, then out/classes.json once every
@@ -236,7 +252,8 @@ def build_masks(lvis_json: Path, stuff_jsons: list[Path], out: Path, workers: in
         lvis = _read_json(lvis_json, "LVIS")
         stuff_files = [_read_json(p, "COCO-Stuff") for p in stuff_jsons]
         names = class_names(lvis, stuff_files, lvis_json, list(stuff_jsons))
-        out.mkdir(parents=True, exist_ok=True)
+        _claim_out_dir(out, {"lvis_json": str(Path(lvis_json).resolve()),
+                             "stuff_json": sorted(str(Path(p).resolve()) for p in stuff_jsons)})
         (out / "classes.json").unlink(missing_ok=True)  # an earlier build's: this one is not complete yet
 
         stuff_by_image, lvis_by_image = defaultdict(list), defaultdict(list)
