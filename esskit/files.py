@@ -4,6 +4,7 @@ sees the old file or the new one, never half of one (a time-boxed GPU run's SIGT
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import os
@@ -19,20 +20,27 @@ def _mode() -> int:
     return 0o666 & ~_UMASK
 
 
-def write_atomic(path: str | Path, text: str) -> None:
-    """Write `text` to a temporary file beside `path`, flush it to disk, and rename it into place."""
-    path = Path(path)
+@contextlib.contextmanager
+def _replaced_atomically(path: Path):
+    """A temporary file beside `path` (an open fd and its name) that replaces `path` when the block
+    ends, or is removed when it raises."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, _mode())
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        yield fd, tmp
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_atomic(path: str | Path, text: str) -> None:
+    """Write `text` to a temporary file beside `path`, flush it to disk, and rename it into place."""
+    with _replaced_atomically(Path(path)) as (fd, _):
+        with os.fdopen(fd, "w", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def write_csv_atomic(path: str | Path, columns, rows: list[dict]) -> None:
@@ -47,12 +55,6 @@ def write_csv_atomic(path: str | Path, columns, rows: list[dict]) -> None:
 def save_figure_atomic(fig, path: str | Path, **savefig_kwargs) -> None:
     """matplotlib's `fig.savefig` to a temporary file beside `path`, renamed into place."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.fchmod(fd, _mode())
-    os.close(fd)
-    try:
+    with _replaced_atomically(path) as (fd, tmp):
+        os.close(fd)
         fig.savefig(tmp, format=path.suffix.lstrip(".") or None, **savefig_kwargs)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
