@@ -214,6 +214,8 @@ class TrainConfig:
         _check_choice("train", "mixed_precision", self.mixed_precision, ("no", "fp16", "bf16"))
         _check_positive("train", self, ["steps", "batch_size", "grad_accum", "log_every", "keep_checkpoints"])
         _check_positive("train", self, ["eval_every", "save_every", "stop_after"], allow_zero=True)
+        if not 0 <= self.seed < 2**32:  # numpy's seed range (accelerate's set_seed seeds numpy too)
+            raise ConfigError(f"train.seed = {self.seed} must be in 0 .. 2**32 - 1")
 
 
 @dataclass(kw_only=True)

@@ -31,13 +31,22 @@ from esskit.optim import build_optimizer, build_scheduler, resume_schedule
 from esskit.syncbn import convert_sync_batchnorm
 
 
-def make_accelerator(cfg: Config) -> Accelerator:
+def make_accelerator(cfg: Config, training: bool = True) -> Accelerator:
+    """The run's Accelerator. fp16 on the CPU: accelerate would silently train in fp32 under an fp16
+    label, so training refuses it; evaluation and prediction of an fp16 run fall back to fp32."""
     # One process may run several trainings (tests, profiler): drop the previous run's precision
     # settings, keep the distributed state.
     AcceleratorState._reset_state(reset_partial_state=False)
+    cpu = cfg.train.cpu or not torch.cuda.is_available()
+    precision = cfg.train.mixed_precision
+    if precision == "fp16" and cpu:
+        if training:
+            where = "train.cpu = true" if cfg.train.cpu else "no CUDA device is available"
+            raise ConfigError(f"train.mixed_precision = 'fp16' needs a GPU ({where}); use 'bf16' or 'no' on the CPU")
+        precision = "no"
     try:
         # Without CUDA, cpu=True is what makes accelerate use gloo under torchrun / accelerate launch.
-        return Accelerator(cpu=cfg.train.cpu or not torch.cuda.is_available(), mixed_precision=cfg.train.mixed_precision)
+        return Accelerator(cpu=cpu, mixed_precision=precision)
     except ValueError as e:
         raise ConfigError(f"train.mixed_precision = {cfg.train.mixed_precision!r}: {e}") from None
 
@@ -141,6 +150,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict | None:
                 progress.note(f"step {done}: mIoU {result['mIoU']:.4f}")
             stopping = stop_any or (cfg.train.stop_after and done - start >= cfg.train.stop_after)
             if stopping or done == steps or (cfg.train.save_every and done % cfg.train.save_every == 0):
+                check_finite_state(accelerator, model, run_dir, done)
                 save_checkpoint(accelerator, run_dir, done, cfg.train.keep_checkpoints)
             if stopping and done < steps:
                 report.info(accelerator, f"stopped at step {done}; checkpoint saved, continue with "
@@ -161,6 +171,19 @@ def forward(model: torch.nn.Module, images: torch.Tensor, cfg: Config) -> dict:
         raise ConfigError(f"train.batch_size = {cfg.train.batch_size} with data.crop = {cfg.data.crop}: a "
                           f"BatchNorm layer sees one value per channel ({str(e).split('input size ')[-1]}); use "
                           f"a larger data.crop, train.batch_size >= 2 or model.norm = 'gn'") from None
+
+
+def check_finite_state(accelerator: Accelerator, model: torch.nn.Module, run_dir: Path, step: int) -> None:
+    """Refuse to save non-finite weights or BatchNorm statistics: a diverging lr can overflow the
+    running variances (or, far off, the weights) while the loss, from batch statistics, stays finite."""
+    state = accelerator.unwrap_model(model).state_dict()
+    bad = [name for name, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    bad_any = accelerator.reduce(torch.tensor([float(len(bad))], device=accelerator.device), "sum").item() > 0
+    if bad_any:  # all processes raise together: the one that saves must not wait for the others
+        named = f" ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})" if bad else " (on another process)"
+        raise TrainingError(f"the model holds non-finite values at step {step}{named}; no checkpoint was "
+                            f"written for it ({newest_checkpoint_note(run_dir)}); lower optim.lr or disable "
+                            f"train.mixed_precision")
 
 
 def newest_checkpoint_note(run_dir: Path) -> str:
@@ -240,7 +263,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint_path: Path) -> dict:
         if diffs:
             raise ConfigError(f"the recipe differs from {trained} in {diffs}, which the checkpoint was trained "
                               f"with; evaluate with that recipe")
-    accelerator = make_accelerator(cfg)
+    accelerator = make_accelerator(cfg, training=False)
     val_set = build_split(cfg, "val_split", train=False)
     model = model_from_config(cfg, pretrained=False)
     load_weights(model, checkpoint)

@@ -252,7 +252,8 @@ def segmentation_loss(output: dict, target: torch.Tensor, cfg: MethodConfig, knn
         parts = {"loss_ess": cls.detach()}
     # The raw embeddings' norm: the normalisation makes the head scale-invariant, so SGD steps grow
     # it and every layer below gets gradients divided by it (a diagnostic for the lr schedule).
-    parts["emb_norm"] = emb.detach().norm(dim=1).mean()
+    # (the head's output before any normalisation: essnet's head normalises at stride 4)
+    parts["emb_norm"] = output["raw_norm"] if "raw_norm" in output else emb.detach().norm(dim=1).mean()
     loss = cls
     if cfg.margin_weight > 0:
         margin = max_margin_loss(class_emb, cfg.margin, knn)

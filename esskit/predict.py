@@ -53,9 +53,7 @@ def load_run(path: Path) -> Run:
     cfg = load_config(config)
     # The checkpoint holds every weight: fetching ImageNet weights first would only cost a download.
     cfg.model.pretrained = False
-    if cfg.train.mixed_precision == "fp16" and not torch.cuda.is_available():
-        cfg.train.mixed_precision = "no"  # a GPU-trained run must still predict on a CPU-only machine
-    accelerator = make_accelerator(cfg)
+    accelerator = make_accelerator(cfg, training=False)  # an fp16 run from a GPU predicts in fp32 on a CPU
     model = model_from_config(cfg)
     load_weights(model, checkpoint)
     model.to(accelerator.device).eval()

@@ -127,6 +127,8 @@ def test_wrong_type_raises_naming_key(override, needles):
     ("method.tau=-1", "method.tau"),
     ("data.num_classes=1", "data.num_classes"),
     ("data.crop=[64]", "data.crop"),
+    ("train.seed=-1", "train.seed"),  # numpy's seed range, before accelerate's set_seed tracebacks
+    ("train.seed=4294967296", "train.seed"),
 ])
 def test_invalid_value_raises_naming_key(override, needle):
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):

@@ -206,3 +206,29 @@ def test_errors_raised_in_dataloader_workers_stay_one_line(capsys):
         _fail(wrapped)
     assert exit_.value.exit_code == 2
     assert capsys.readouterr().err == "error: mask m.png is 10x10 but image i.png is 40x60\n"
+
+
+def test_non_finite_batchnorm_statistics_are_not_saved(tmp_path, monkeypatch):
+    """A diverging lr can overflow BatchNorm's running variances while the loss (from batch
+    statistics) stays finite: no checkpoint holds them, and the older one is really intact."""
+    real_forward, calls = engine.forward, []
+
+    def forward(model, images, cfg):
+        calls.append(1)
+        if len(calls) == 2:  # step 2, as an overflowing running_var would be
+            bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+            bn.running_var.fill_(float("inf"))
+        return real_forward(model, images, cfg)
+
+    monkeypatch.setattr(engine, "forward", forward)
+    run = tmp_path / "run"
+    result = train(run, "train.save_every=1", "train.steps=3")
+    one_line_error(result, "non-finite values at step 2", "running_var",
+                   f"the newest one, {run / 'checkpoint-00000001'}, is intact")
+    assert checkpoints(run) == ["checkpoint-00000001"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 is refused only without a GPU")
+def test_fp16_training_on_the_cpu_is_refused(tmp_path):
+    # accelerate would run it in fp32 under an fp16 label
+    one_line_error(train(tmp_path / "run", "train.mixed_precision=fp16"), "train.mixed_precision = 'fp16' needs a GPU")

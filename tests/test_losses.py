@@ -348,3 +348,20 @@ def test_method_config_validates_the_new_keys():
                        ({"variant": "essnet", "knn_block": 2}, "essnet"), ({"loss_chunk_mib": 0}, "loss_chunk_mib")]:
         with pytest.raises(ConfigError, match=match):
             MethodConfig(**bad)
+
+
+def test_emb_norm_is_the_heads_raw_norm_for_both_variants():
+    """The logged emb_norm is the norm before normalisation, also where essnet's head normalises."""
+    from esskit.models.heads import EmbeddingHead
+
+    g = torch.Generator().manual_seed(0)
+    features = torch.randn(2, 8, 4, 4, generator=g)
+    target = torch.randint(0, 6, (2, 16, 16), generator=g)
+    for variant in ("paper", "essnet"):
+        head = EmbeddingHead(8, 6, 4, unit_at_stride=variant == "essnet")
+        with torch.no_grad():
+            head.proj.weight.mul_(50)  # raw norm far from 1
+            raw = head.proj(features).norm(dim=1).mean()
+        _, parts = segmentation_loss(head(features), target, MethodConfig(name="ess", k=3, variant=variant))
+        assert raw > 5
+        torch.testing.assert_close(parts["emb_norm"], raw)

@@ -41,11 +41,12 @@ class EmbeddingHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> dict:
         emb = self.proj(x)
+        raw_norm = emb.detach().float().norm(dim=1).mean()  # the trainer's emb_norm diagnostic
         if self.unit_at_stride:
             emb = F.normalize(emb, dim=1)
         # Passing the class embeddings through forward lets DDP see them as used parameters.
         return {"embeddings": emb, "class_embeddings": self.class_embeddings, "normalize": self.normalize,
-                "unit_at_stride": self.unit_at_stride}
+                "unit_at_stride": self.unit_at_stride, "raw_norm": raw_norm}
 
 
 @torch.no_grad()
