@@ -95,9 +95,11 @@ class MethodConfig:
             fixed = {"negatives": "nearest", "normalize": True, "tau": MethodConfig.tau}
             changed = [f"method.{key} = {getattr(self, key)!r}" for key, value in fixed.items()
                        if getattr(self, key) != value]
+            if self.loss_kernel == "triton":  # essnet_loss has no fused kernel ("auto" is fine)
+                changed.append("method.loss_kernel = 'triton'")
             if changed:
                 raise ConfigError(f"{', '.join(changed)} would be ignored by method.variant = 'essnet' (nearest "
-                                  f"negatives, normalised embeddings, logits -20*|x-mu|); drop the key(s) or "
+                                  f"negatives, normalised embeddings, logits -20*|x-mu|, the torch loss); drop the key(s) or "
                                   f"set method.variant = 'paper'")
 
 

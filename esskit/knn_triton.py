@@ -42,6 +42,10 @@ LAUNCH_ELEMENTS = 2**31 - 1  # the kernels' offsets are int32: one launch covers
 # "auto" takes the fused kernels up to this k: the kNN keeps k slots per query in registers (no
 # spills up to 64, ptxas) and the fused Eq. 6 unrolls its k + 1 candidates
 FUSED_MAX_K = 64
+# and up to this d: past it the tiles outgrow sm_90's 227 KiB of shared memory (Triton's compiler:
+# the ess_full forward needs 385 KiB at d = 300, the searches 256 KiB at d = 600) and Triton refuses
+# the launch
+FUSED_MAX_DIM = 256
 
 
 if triton is not None:
@@ -153,15 +157,18 @@ def require_triton(x: torch.Tensor, key: str) -> None:
     """The one-line errors of `key = "triton"` where no fused kernel can run."""
     if triton is None:
         raise ConfigError(f"{key} = 'triton' needs Triton (it ships with torch's CUDA wheels); set {key} = 'torch'")
+    if x.shape[-1] > FUSED_MAX_DIM:
+        raise ConfigError(f"{key} = 'triton' runs up to model.embed_dim = {FUSED_MAX_DIM}, not {x.shape[-1]}; "
+                          f"set {key} = 'auto' or 'torch'")
     if not (x.is_cuda or _interpreted()):
         raise ConfigError(f"{key} = 'triton' runs on a CUDA GPU; set {key} = 'torch' on the CPU")
 
 
 def fused_by_default(x: torch.Tensor, k: int) -> bool:
     """What `method.knn` / `method.loss_kernel = "auto"` pick: the fused kernels for real CUDA
-    tensors on GPUs Triton builds for (sm_70+) and k <= FUSED_MAX_K, the chunked torch code
-    elsewhere (CPUs, fake tensors)."""
-    return (k <= FUSED_MAX_K and triton is not None and x.is_cuda and not is_fake(x)
+    tensors on GPUs Triton builds for (sm_70+), k <= FUSED_MAX_K and d <= FUSED_MAX_DIM, the chunked
+    torch code elsewhere (CPUs, fake tensors)."""
+    return (k <= FUSED_MAX_K and x.shape[-1] <= FUSED_MAX_DIM and triton is not None and x.is_cuda and not is_fake(x)
             and torch.cuda.get_device_capability(x.device) >= (7, 0))
 
 

@@ -155,10 +155,10 @@ if triton is not None:
         tl.store(part_ptr + tl.program_id(0) * CP * DP + classes[:, None] * DP + dims[None, :], acc)
 
 
-def _constants(x: torch.Tensor, cand: torch.Tensor, normalize: bool) -> dict:
+def _constants(x: torch.Tensor, cand: torch.Tensor, normalize: bool, block_n: int) -> dict:
     d = x.shape[1]
     return dict(D=d, DP=triton.next_power_of_2(d), K1=cand.shape[1], NORMALIZE=normalize,
-                IGNORE=IGNORE_INDEX, EPS=NORMALIZE_EPS, BLOCK_N=BLOCK_N)
+                IGNORE=IGNORE_INDEX, EPS=NORMALIZE_EPS, BLOCK_N=block_n)
 
 
 def _local_partials_sum(args: tuple, n: int, classes: int, inv_tau: float, need_gx: bool, consts: dict) -> torch.Tensor:
@@ -182,13 +182,16 @@ class FusedCandidateCrossEntropy(torch.autograd.Function):
         n = x.shape[0]
         loss = torch.empty(n, dtype=torch.float32, device=x.device)
         lse = torch.empty_like(loss)
-        consts = _constants(x, cand, normalize)
-        for start, stop in launch_ranges(n, max(x.shape[1], cand.shape[1]), BLOCK_N):
-            _eq6_forward[(triton.cdiv(stop - start, BLOCK_N),)](
+        block_n = BLOCK_N
+        consts = _constants(x, cand, normalize, block_n)
+        for start, stop in launch_ranges(n, max(x.shape[1], cand.shape[1]), block_n):
+            _eq6_forward[(triton.cdiv(stop - start, block_n),)](
                 x[start:stop], mu, cand[start:stop], target[start:stop], loss[start:stop], lse[start:stop],
                 stop - start, 1 / tau, **consts)
         ctx.save_for_backward(x, mu, cand, target, lse)
-        ctx.tau, ctx.normalize, ctx.replicas = tau, normalize, ACC_REPLICAS
+        # the forward's constants, read once: a benchmark that swaps them around a forward
+        # (bench_loss.py's ess_fused_b32) must get the same ones in its backward
+        ctx.tau, ctx.normalize, ctx.replicas, ctx.block_n = tau, normalize, ACC_REPLICAS, block_n
         ctx.local = mu.shape[0] <= LOCAL_MAX_CLASSES and mu.shape[1] <= LOCAL_MAX_DIM
         return loss.sum()
 
@@ -198,14 +201,14 @@ class FusedCandidateCrossEntropy(torch.autograd.Function):
         d, need_gx = mu.shape[1], ctx.needs_input_grad[0]
         gx = torch.empty_like(x) if need_gx else x  # (not written without NEED_GX)
         grad = grad.detach().float().reshape(1).contiguous()
-        consts = _constants(x, cand, ctx.normalize)
+        consts = _constants(x, cand, ctx.normalize, ctx.block_n)
         acc = mu.new_zeros(1 if ctx.local else ctx.replicas, mu.shape[0], d + 1)
-        for start, stop in launch_ranges(x.shape[0], max(d, cand.shape[1]), BLOCK_N):
+        for start, stop in launch_ranges(x.shape[0], max(d, cand.shape[1]), ctx.block_n):
             args = (x[start:stop], mu, cand[start:stop], target[start:stop], lse[start:stop], grad, gx[start:stop])
             if ctx.local:
                 acc[0] += _local_partials_sum(args, stop - start, mu.shape[0], 1 / ctx.tau, need_gx, consts)
             else:
-                _eq6_backward[(triton.cdiv(stop - start, BLOCK_N),)](
+                _eq6_backward[(triton.cdiv(stop - start, ctx.block_n),)](
                     *args, acc, acc[0].numel(), ctx.replicas, stop - start, 1 / ctx.tau, NEED_GX=need_gx, **consts)
         return (gx if need_gx else None), mu_grad(acc.sum(0), mu), None, None, None, None
 

@@ -295,6 +295,7 @@ def test_set_strips_spaces_around_key_and_value():
     ("method.negatives=random", r"method\.negatives = 'random'"),
     ("method.normalize=false", r"method\.normalize = False"),
     ("method.tau=0.1", r"method\.tau = 0\.1"),
+    ("method.loss_kernel=triton", r"method\.loss_kernel = 'triton'"),  # essnet_loss has no fused kernel
 ])
 def test_essnet_refuses_settings_it_ignores(override, needle):
     with pytest.raises(ConfigError, match=needle + ".*essnet") as err:

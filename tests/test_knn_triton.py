@@ -84,6 +84,12 @@ def test_fused_knn_refuses_cpu_tensors_without_the_interpreter():
         knn_backend("triton")(torch.randn(4, 3), torch.randn(5, 3), 2)
 
 
+def test_fused_kernels_refuse_an_embedding_past_their_shared_memory():
+    # d = 300 pads to 512: ess_full's forward tiles need 385 KiB of sm_90's 227 (Triton's compiler)
+    with pytest.raises(ConfigError, match="method.knn = 'triton' runs up to model.embed_dim = 256, not 300"):
+        knn_backend("triton")(torch.randn(4, 300), torch.randn(5, 300), 2)
+
+
 def test_fused_knn_compiles_for_hopper():
     """Triton's own compiler and ptxas build the kernel (with and without prefetch) and the candidates' kernel
     for sm_90 here, without a GPU."""

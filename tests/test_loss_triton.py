@@ -208,3 +208,25 @@ def test_fused_kernels_with_the_shared_searches():
         print("ok")
     """)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+
+
+def test_fused_eq6_backward_keeps_the_forwards_block_size():
+    """bench_loss.py's ess_fused_b32 sets BLOCK_N around the forward only: the backward (atomic
+    path) must launch with the same pixels per program."""
+    result = _interpreted("""
+        import torch
+        import esskit.loss_triton as fused
+        g = torch.Generator().manual_seed(0)
+        x, mu = torch.randn(40, 6, generator=g).requires_grad_(True), torch.randn(9, 6, generator=g)
+        cand = torch.stack([torch.randperm(9, generator=g)[:4] for _ in range(40)]).int()
+        target = cand[:, 0].long()
+        seen, real = [], fused._constants
+        fused._constants = lambda *a: seen.append(a[-1]) or real(*a)
+        fused.LOCAL_MAX_CLASSES, fused.BLOCK_N = 0, 32
+        loss = fused.fused_candidate_cross_entropy(x, mu, cand, target, 0.05, True, rows=40)
+        fused.BLOCK_N = 64
+        loss.backward()
+        assert seen == [32, 32], seen
+        print("ok")
+    """)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]

@@ -43,7 +43,7 @@ def test_output_keys_and_shapes_at_stride_4(backbone, method):
         assert set(out) == {"logits"}
         assert out["logits"].shape == (2, C, SIZE // 4, SIZE // 4)
     else:
-        assert set(out) == {"embeddings", "class_embeddings", "normalize", "unit_at_stride"}
+        assert set(out) == {"embeddings", "class_embeddings", "normalize", "unit_at_stride", "raw_norm"}
         assert out["normalize"] is True and out["unit_at_stride"] is False
         assert out["embeddings"].shape == (2, 7, SIZE // 4, SIZE // 4)
         ce = out["class_embeddings"]
