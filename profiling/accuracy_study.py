@@ -165,7 +165,8 @@ def run_row(group: str, name: str, keys: list[str], out: Path, extra: list[str])
     metrics = json.loads((run_dir / "eval.json").read_text())
     logs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     losses = [r for r in logs if "loss" in r]
-    return {**row, **{k: round(100 * metrics[k], 2) for k in ("mIoU", "fwIoU", "pAcc", "mAcc")},
+    # unrounded: the tables and plot labels round once (7.8545 -> 7.85 -> "7.8" would be off by 0.1)
+    return {**row, **{k: 100 * metrics[k] for k in ("mIoU", "fwIoU", "pAcc", "mAcc")},
             "final_loss": round(losses[-1]["loss"], 4), "train_s": round(losses[-1]["s_per_step"] * cfg.train.steps),
             # the raw pixel-embedding norm at the first and the last logged step (ESS only)
             "emb_norm_first": _round(losses[0].get("emb_norm")), "emb_norm_final": _round(losses[-1].get("emb_norm")),

@@ -369,3 +369,24 @@ def test_profile_saves_each_finished_cell_so_a_cut_short_run_keeps_them(tmp_path
     assert (out / "figure1.png").is_file() and "baseline" in (out / "table6.md").read_text()
     whole = _profile_tiny(tmp_path, "--classes", "19", "--methods", "baseline", "--max-batch", "1")
     assert json.loads((whole / "results.json").read_text())["settings"]["complete"] is True
+
+
+def test_replot_skips_other_folders_and_keeps_old_table6(tmp_path):
+    """profiling/replot.py over profiling/results/*/ (its usage line): other folders are skipped with
+    a note, and a measured folder from before estimated_peak_allocated_mib keeps its table6.md."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    old = tmp_path / "resnet50-512-fp32-cuda"
+    shutil.copytree(root / "profiling/results/resnet50-512-fp32-cuda", old)
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench/results.json").write_text("[]")
+    before = (old / "table6.md").read_text()
+    result = subprocess.run([sys.executable, str(root / "profiling/replot.py"), str(tmp_path / "bench"), str(old)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "skipped" in result.stdout and "table6.md kept" in result.stdout
+    assert (old / "table6.md").read_text() == before
