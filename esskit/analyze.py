@@ -106,8 +106,10 @@ def norm_frequency_correlation(norms: np.ndarray, pixels: np.ndarray) -> dict:
 
 @torch.no_grad()
 def pixel_embedding_samples(run: Run, num_images: int) -> list[dict]:
-    """Normalised pixel embeddings (as predicted: upsampled, then normalised), target and prediction of
-    the first `num_images` validation images, with the denormalised image for display."""
+    """Normalised pixel embeddings (as predicted: through `infer` with the recipe's eval.mode and
+    eval.scale, then normalised), target and prediction of the first `num_images` validation images,
+    with the denormalised image for display."""
+    from esskit.inference import infer
     from esskit.models import predict_labels
 
     cfg = run.cfg
@@ -117,7 +119,7 @@ def pixel_embedding_samples(run: Run, num_images: int) -> list[dict]:
     for i in range(min(num_images, len(dataset))):
         image, target = dataset[i]
         with run.accelerator.autocast():
-            output = run.model(image[None].to(run.accelerator.device))
+            output = infer(run.model, image[None].to(run.accelerator.device), cfg.eval)
         emb = F.normalize(upsample(output["embeddings"].float(), target.shape), dim=1)[0]
         samples.append({"image": (image * std + mean).clamp(0, 1).permute(1, 2, 0).numpy(),
                         "target": target.numpy(), "pred": predict_labels(output, target.shape)[0].cpu().numpy(),

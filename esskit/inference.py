@@ -37,6 +37,12 @@ def infer(model: torch.nn.Module, images: torch.Tensor, cfg: EvalConfig) -> dict
         if scaled != list(size):
             output = infer(model, F.interpolate(images, scaled, mode="bilinear", align_corners=False),
                            replace(cfg, scale=[]))
+            emb = output.get("embeddings")
+            if (cfg.mode == "whole" and emb is not None and output.get("normalize", True)
+                    and not output.get("unit_at_stride", False)):
+                # mmseg resizes the logits, which for ESS are linear in the unit x^ at this size
+                # (the slide mean above already averages unit vectors, as mmseg averages logits)
+                output = {**output, "embeddings": F.normalize(emb.float(), dim=1)}
             return {k: upsample(v, size) if k in MAP_KEYS else v for k, v in output.items()}
     if cfg.mode == "whole":
         output = model(images)

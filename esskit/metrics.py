@@ -65,7 +65,7 @@ class SegMetrics:
         present = freq > 0
         return {
             "mIoU": float(iou.nanmean()),
-            "fwIoU": float((freq[present] * iou[present]).sum()),
+            "fwIoU": float((freq[present] * iou[present]).sum()) if total > 0 else float("nan"),  # as mIoU
             "pAcc": float(tp.sum() / total),
             "mAcc": float(acc.nanmean()),
             "IoU": iou.tolist(),

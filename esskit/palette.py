@@ -138,6 +138,13 @@ def class_names(data_cfg) -> list[str]:
     names = None
     if hasattr(load, "module"):
         names = getattr(import_module(load.module), "CLASS_NAMES", None)
+    if names is None and data_cfg.name == "hf" and (data_cfg.class_names or data_cfg.class_names_file):
+        from esskit.data.hf import class_names as recipe_names  # the recipe's: no dataset download
+
+        try:
+            names = recipe_names(data_cfg)
+        except EsskitError:
+            names = None
     if names is None and load is not None:
         try:
             names = getattr(load(data_cfg, data_cfg.val_split), "class_names", None)

@@ -137,3 +137,23 @@ def test_pixel_distances_against_brute_force():
     assert got["pixels"] == 27
     assert got["median_distance_to_own_class"] == pytest.approx(float(own.median()), abs=1e-5)
     assert got["median_distance_to_nearest_other_class"] == pytest.approx(float(other.median()), abs=1e-5)
+
+
+def test_analyze_predicts_as_evaluate_does(ess_run):
+    """The prediction and pixel-embedding pictures go through infer with the recipe's eval.scale /
+    eval.mode, as evaluate and predict do (they took the raw image before)."""
+    from esskit.analyze import pixel_embedding_samples
+    from esskit.inference import infer
+    from esskit.models import predict_labels
+    from esskit.predict import load_run
+
+    run = load_run(ess_run)
+    run.cfg.eval.scale = [96, 96]  # the 64 px validation images are scored at 96 px
+    seen = []
+    run.model.register_forward_hook(lambda module, args, out: seen.append(tuple(args[0].shape[-2:])))
+    sample = pixel_embedding_samples(run, 1)[0]
+    assert seen == [(96, 96)]
+    image = torch.from_numpy(sample["image"]).permute(2, 0, 1)
+    mean, std = torch.tensor(run.cfg.data.mean)[:, None, None], torch.tensor(run.cfg.data.std)[:, None, None]
+    output = infer(run.model, ((image - mean) / std)[None].float(), run.cfg.eval)
+    np.testing.assert_array_equal(sample["pred"], predict_labels(output, sample["target"].shape)[0].numpy())

@@ -390,3 +390,17 @@ def test_datasets_command_lists_every_loader():
         assert name in result.output
     assert "gtFine" in result.output and "esskit build-dataset coco-lvis" in result.output
 
+
+
+def test_predict_names_hf_classes_from_the_recipe_without_loading_the_dataset(monkeypatch):
+    """palette.class_names (predict, analyze) takes the recipe's names for hf; loading the split
+    would mean a download, and offline it fell back to class_N."""
+    import esskit.data
+    from esskit.palette import class_names
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the dataset was loaded")
+
+    monkeypatch.setitem(esskit.data.DATASETS, "hf", no_loading)
+    cfg = data_cfg(name="hf", root="some/hub-id", num_classes=3, class_names=["sky", "road", "car"])
+    assert class_names(cfg) == ["sky", "road", "car"]

@@ -94,3 +94,17 @@ def test_eval_scale_feeds_the_model_the_mmseg_test_size_and_scores_at_the_label_
     seen.clear()
     infer(Recording(), torch.randn(1, 3, 512, 1024), EvalConfig(scale=[512, 2048]))  # fits already: as is
     assert seen == [(512, 1024)]
+
+
+def test_eval_scale_whole_equals_one_slide_window_for_ess():
+    # mmseg resizes the logits at the rescaled size; ESS's are linear in the unit x^ there. Whole mode
+    # must normalise before that resize, as a slide window covering the image does
+    torch.manual_seed(0)
+    model = PixelwiseModel("embeddings", 3)
+    images = torch.randn(1, 3, 37, 53)
+    whole = infer(model, images, EvalConfig(scale=[64, 96]))
+    slide = infer(model, images, EvalConfig(scale=[64, 96], mode="slide", crop=[64, 96], stride=[64, 96]))
+    torch.testing.assert_close(whole["embeddings"], slide["embeddings"])
+    scaled = F.interpolate(images, (64, 92), mode="bilinear")  # keep_ratio_size((37, 53), [64, 96])
+    expected = F.interpolate(F.normalize(model.conv(scaled), dim=1), (37, 53), mode="bilinear")
+    torch.testing.assert_close(whole["embeddings"], expected)

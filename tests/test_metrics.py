@@ -83,6 +83,13 @@ def test_all_ignored_update_changes_nothing():
     _check_hand_example(m.compute())
 
 
+def test_nothing_labelled_gives_nan_for_every_score():
+    m = SegMetrics(5)
+    m.update(torch.tensor([1, 2, 3]), torch.full((3,), IGNORE_INDEX))
+    result = m.compute()
+    assert all(math.isnan(result[k]) for k in ("mIoU", "fwIoU", "pAcc", "mAcc"))  # fwIoU was 0.0
+
+
 def _numpy_reference(pred, target, c):
     valid = target != IGNORE_INDEX
     p, t = pred[valid], target[valid]
