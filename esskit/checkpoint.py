@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from esskit.errors import ConfigError, TrainingError
+from esskit.files import _mode
 
 # The recipe keys that fix the model's parameter shapes: a checkpoint loads only into their values.
 SHAPE_KEYS = ("model.backbone", "model.norm", "model.embed_dim", "method.name", "data.num_classes")
@@ -29,12 +32,18 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, keep: in
         for stale in run_dir.glob(f".tmp-{PREFIX}*"):
             shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
-    accelerator.wait_for_everyone()  # every rank's files (random_states_N.pkl) are in tmp before it is marked whole
+    try:
+        accelerator.save_state(str(tmp), safe_serialization=True)
+        accelerator.wait_for_everyone()  # every rank's files (random_states_N.pkl) are in tmp before it is marked whole
+        if accelerator.is_main_process:
+            (tmp / STATE_FILE).write_text(json.dumps({"step": step}))
+            _finish_tree(tmp)
+    except (OSError, SafetensorError) as e:  # e.g. a full disk: free what this save took
+        shutil.rmtree(tmp, ignore_errors=True)
+        older = list_checkpoints(run_dir)
+        kept = f"{older[-1]} is intact" if older else "no earlier checkpoint exists"
+        raise TrainingError(f"cannot write {final.name} in {run_dir}: {e}; {kept}") from None
     if accelerator.is_main_process:
-        state = tmp / STATE_FILE
-        state.write_text(json.dumps({"step": step}))
-        _fsync_tree(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -44,17 +53,28 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, keep: in
     return final
 
 
-def _fsync_tree(directory: Path) -> None:
+def _finish_tree(directory: Path) -> None:
+    """Flush every file to disk, readable as the umask allows (safetensors writes its file 0600)."""
     for path in directory.iterdir():
         if path.is_file():
+            os.chmod(path, _mode())
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints in `run_dir`, oldest first."""
-    found = [p for p in Path(run_dir).glob(f"{PREFIX}*") if (p / STATE_FILE).is_file()]
+    """Complete checkpoints in `run_dir`, oldest first (a copy such as checkpoint-00000002-backup is
+    not one of them)."""
+    found = [p for p in Path(run_dir).glob(f"{PREFIX}*")
+             if re.fullmatch(rf"{PREFIX}\d+", p.name) and (p / STATE_FILE).is_file()]
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+
+
+def damaged(checkpoint: Path, error: Exception) -> TrainingError:
+    """The one-line error of a checkpoint whose files cannot be read, naming an older complete one."""
+    older = [p for p in list_checkpoints(checkpoint.parent) if p.name < checkpoint.name]
+    hint = (f"move it aside to use {older[-1]}" if older else "no older checkpoint exists in the run directory")
+    return TrainingError(f"checkpoint {checkpoint} is damaged ({str(error).strip().splitlines()[-1]}); {hint}")
 
 
 def find_checkpoint(path: str | Path) -> Path:
@@ -70,13 +90,21 @@ def find_checkpoint(path: str | Path) -> Path:
 
 
 def checkpoint_step(checkpoint: Path) -> int:
-    return int(json.loads((checkpoint / STATE_FILE).read_text())["step"])
+    try:
+        return int(json.loads((checkpoint / STATE_FILE).read_text())["step"])
+    except (OSError, ValueError) as e:
+        raise damaged(checkpoint, ValueError(f"{STATE_FILE}: {e}")) from None
+    except (KeyError, TypeError):
+        raise damaged(checkpoint, ValueError(f"{STATE_FILE} holds no step")) from None
 
 
 def load_weights(model: torch.nn.Module, checkpoint: Path) -> None:
     """Model weights only (evaluate / predict)."""
     path = checkpoint / WEIGHTS_FILE
-    saved = load_file(path)
+    try:
+        saved = load_file(path)
+    except (OSError, SafetensorError) as e:
+        raise damaged(checkpoint, e) from None
     mismatches = _mismatches(model.state_dict(), saved)
     if mismatches:
         more = f" (and {len(mismatches) - 1} more)" if len(mismatches) > 1 else ""

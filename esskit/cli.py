@@ -22,6 +22,11 @@ def option_or_none(kind: type, help: str):
     return Annotated[Optional[kind], typer.Option(help=help)]
 
 
+# One-line errors: esskit's own, and the environment's (permissions, a full disk, a directory where a
+# file belongs), whose message names the path
+USER_ERRORS = (EsskitError, OSError)
+
+
 def _fail(error: Exception) -> None:
     message = str(error)
     if "Original Traceback" in message:  # raised in a DataLoader worker: torch prepends the worker's traceback
@@ -42,9 +47,11 @@ def train(recipe: Recipe, overrides: Overrides = None,
             raise ConfigError(f"--out {out} with --resume {resume}: a resumed run keeps writing into {resume}; "
                               f"drop --out or make it {resume}")
         cfg = load_config(recipe, overrides or [])
+        if not (resume or out or cfg.train.out_dir.strip()):  # Path("") would train into the current directory
+            raise ConfigError("train.out_dir is empty; name a run directory there or pass --out")
         run_dir = resume or out or Path(cfg.train.out_dir)
         engine.train(cfg, run_dir, resume=resume is not None)
-    except EsskitError as e:
+    except USER_ERRORS as e:
         _fail(e)
 
 
@@ -70,7 +77,7 @@ def evaluate(recipe: Recipe,
             if PartialState().is_main_process:
                 write_per_class(result, class_names(cfg.data), find_checkpoint(checkpoint).parent,
                                 f"{cfg.method.name} · {cfg.data.name}")
-    except EsskitError as e:
+    except USER_ERRORS as e:
         _fail(e)
 
 
@@ -103,7 +110,7 @@ def build_dataset(
                     bar.console.print(f"corrupt {line}", markup=False, highlight=False)
 
             report = build_masks(lvis_json, stuff_json, out, workers, progress)
-    except EsskitError as e:
+    except USER_ERRORS as e:
         _fail(e)
     typer.echo(f"coco-lvis: {report.written} masks written, {report.skipped} already present, in {out}")
     if report.without_stuff:
@@ -158,12 +165,12 @@ def profile(recipe: Annotated[Optional[Path], typer.Argument(help="Optional reci
     from esskit import profile as profiling
 
     try:
-        base, recipe_keys = profiling.load_base(recipe, overrides or [])
+        base, recipe_keys = profiling.load_base(recipe, overrides or [], classes)
         spec = profiling.spec_from_options(base, recipe_keys, classes=classes, methods=methods, backbone=backbone,
                                            crop=crop, budget_gib=budget_gib, precision=mixed_precision,
                                            device=device, max_batch=max_batch, batch=batch)
         profiling.run_profile(spec, out or profiling.default_out_dir(spec))
-    except EsskitError as e:
+    except USER_ERRORS as e:
         _fail(e)
 
 
@@ -181,7 +188,7 @@ def predict(images: Annotated[list[Path], typer.Argument(help="Image files and/o
 
     try:
         records = run_predict(checkpoint, images, out, overlay, batch_size)
-    except EsskitError as e:
+    except USER_ERRORS as e:
         _fail(e)
     typer.echo(f"predicted {len(records)} image{'s' * (len(records) != 1)} into {out}")
 
@@ -199,7 +206,7 @@ def analyze(checkpoint: Annotated[Path, typer.Option(help="Run directory or chec
 
     try:
         run_analysis(checkpoint, out, kmeans, images, train_images)
-    except EsskitError as e:
+    except USER_ERRORS as e:
         _fail(e)
 
 

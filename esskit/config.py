@@ -14,8 +14,6 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import tomli_w
-
 from esskit.errors import ConfigError
 from esskit.files import write_atomic
 
@@ -387,4 +385,6 @@ def config_to_dict(cfg: Config) -> dict:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
+    import tomli_w  # here: only training writes a config (the GPU image runs the profiler without it)
+
     write_atomic(path, tomli_w.dumps(config_to_dict(cfg)))  # resume and predict read it back

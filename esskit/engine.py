@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import pickle
 import signal
 from pathlib import Path
 
@@ -13,10 +14,11 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
+from safetensors import SafetensorError
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from esskit import report
-from esskit.checkpoint import (SHAPE_KEYS, checkpoint_step, find_checkpoint, list_checkpoints, load_weights,
+from esskit.checkpoint import (SHAPE_KEYS, checkpoint_step, damaged, find_checkpoint, list_checkpoints, load_weights,
                                save_checkpoint)
 from esskit.config import Config, load_config, save_config
 from esskit.data import build_dataset
@@ -96,9 +98,12 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict | None:
 
     start = 0
     if checkpoint:
-        accelerator.load_state(str(checkpoint))
-        resume_schedule(optimizer, scheduler, cfg)
         start = checkpoint_step(checkpoint)
+        try:
+            accelerator.load_state(str(checkpoint))
+        except (OSError, SafetensorError, RuntimeError, EOFError, pickle.UnpicklingError) as e:  # truncated files
+            raise damaged(checkpoint, e) from None
+        resume_schedule(optimizer, scheduler, cfg)
         report.info(accelerator, f"resumed from {checkpoint} at step {start}")
     effective = cfg.train.batch_size * cfg.train.grad_accum * accelerator.num_processes
     report.info(accelerator, f"{cfg.method.name} {cfg.model.backbone} C={cfg.data.num_classes}, "

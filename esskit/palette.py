@@ -8,6 +8,7 @@ palette that is deterministic and distinct for every class, thousands included.
 from __future__ import annotations
 
 from importlib import import_module
+from pathlib import Path
 
 import numpy as np
 
@@ -145,7 +146,8 @@ def class_names(data_cfg) -> list[str]:
             names = recipe_names(data_cfg)
         except EsskitError:
             names = None
-    if names is None and load is not None:
+    hub = data_cfg.name == "hf" and not Path(data_cfg.root).expanduser().exists()  # loading would download
+    if names is None and load is not None and not hub:
         try:
             names = getattr(load(data_cfg, data_cfg.val_split), "class_names", None)
         except (EsskitError, OSError, ValueError):

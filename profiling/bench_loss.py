@@ -387,21 +387,23 @@ def main() -> None:
             rows.append(bench_cell(name, c, args))
             print(json.dumps({k: rows[-1][k] for k in ("variant", "classes", "time_s", "knn_share", "peak_mib",
                                                        "neg_diff_frac", "note")}), flush=True)
-        ess = next((r["time_s"] for r in rows if r["classes"] == c and r["variant"] == "ess"), None)
-        for r in rows:
-            if r["classes"] == c and ess and r["time_s"]:
-                r["ratio_to_ess"] = round(r["time_s"] / ess, 2)
-        save(rows, args, start)  # after each C, so a run cut short keeps what it measured
+            ess = next((r["time_s"] for r in rows if r["classes"] == c and r["variant"] == "ess"), None)
+            for r in rows:
+                if r["classes"] == c and ess and r["time_s"]:
+                    r["ratio_to_ess"] = round(r["time_s"] / ess, 2)
+            # after each cell, so a run cut short keeps what it measured (the plot after each C: ~1 s)
+            save(rows, args, start, with_plot=name == names[-1])
 
 
-def save(rows: list[dict], args: argparse.Namespace, start: float) -> None:
+def save(rows: list[dict], args: argparse.Namespace, start: float, with_plot: bool = True) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     write_csv_atomic(args.out / "results.csv", COLUMNS, rows)  # atomic: a time box's SIGTERM may come mid-save
     settings = {k: (str(v) if isinstance(v, (Path, torch.device)) else v) for k, v in vars(args).items()}
     settings.update(torch=torch.__version__, wall_s=round(time.time() - start, 1))
     write_atomic(args.out / "results.json", json.dumps({"settings": settings, "rows": rows}, indent=1) + "\n")
     write_atomic(args.out / "results.md", table_md(rows))
-    plot(rows, args.out / "bench_loss.png", _title(settings))
+    if with_plot:
+        plot(rows, args.out / "bench_loss.png", _title(settings))
 
 
 if __name__ == "__main__":

@@ -15,12 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from esskit.config import build_config
+from esskit.files import write_atomic
 from esskit.profile.step import MixedPrecision, build_training, cell_config, synthetic_batch, training_step
 
 
@@ -68,8 +70,7 @@ def gpu_seconds(fn, reps: int = 5) -> float:
     return (time.perf_counter() - start) / reps
 
 
-def selection_rows(classes: list[int], k: int, block_mib: int = 64) -> list[dict]:
-    out = []
+def selection_rows(classes: list[int], k: int, block_mib: int = 64) -> Iterator[dict]:
     for c in classes:
         rows = block_mib * 2**20 // (4 * c)
         d = torch.rand(rows, c, device="cuda")
@@ -78,10 +79,8 @@ def selection_rows(classes: list[int], k: int, block_mib: int = 64) -> list[dict
         topk_s = gpu_seconds(lambda: torch.topk(d, k, dim=1, largest=False, sorted=True))
         max_s = gpu_seconds(lambda: topk_by_max(d, k))
         copy_s = gpu_seconds(lambda: d.clone())  # a bandwidth yardstick: one read + one write
-        out.append({"classes": c, "rows": rows, "k": k, "topk_ms": round(topk_s * 1e3, 3),
-                    "max_passes_ms": round(max_s * 1e3, 3), "clone_ms": round(copy_s * 1e3, 3)})
-        print(json.dumps(out[-1]), flush=True)
-    return out
+        yield {"classes": c, "rows": rows, "k": k, "topk_ms": round(topk_s * 1e3, 3),
+               "max_passes_ms": round(max_s * 1e3, 3), "clone_ms": round(copy_s * 1e3, 3)}
 
 
 def knn_variant(spec: str) -> dict:
@@ -94,13 +93,12 @@ def knn_variant(spec: str) -> dict:
 
 
 def knn_rows(classes: list[int], k: int, n: int = 8 * 512 * 512, d: int = 12,
-             tiles: list[str] = ()) -> list[dict]:
+             tiles: list[str] = ()) -> Iterator[dict]:
     """knn_exact against knn_triton per C; with `tiles`, knn_triton's time for each of these
     variants too (checked against knn_exact's distances)."""
     from esskit.knn import knn_exact
     from esskit.knn_triton import knn_triton
 
-    out = []
     for c in classes:
         queries = torch.nn.functional.normalize(torch.randn(n, d, device="cuda"), dim=1)
         keys = torch.nn.functional.normalize(torch.randn(c, d, device="cuda"), dim=1)
@@ -114,9 +112,7 @@ def knn_rows(classes: list[int], k: int, n: int = 8 * 512 * 512, d: int = 12,
             run = lambda: knn_triton(queries, keys, k, **knn_variant(tile))  # noqa: E731
             assert float((run()[0] - exact[0]).abs().max()) < 1e-5
             row[f"triton_{tile}_ms"] = round(gpu_seconds(run, reps=3) * 1e3, 2)
-        out.append(row)
-        print(json.dumps(row), flush=True)
-    return out
+        yield row
 
 
 def main() -> None:
@@ -136,10 +132,15 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("step_breakdown.py measures GPU kernels: no CUDA GPU is visible here")
     args.out.mkdir(parents=True, exist_ok=True)
-    selection = selection_rows([int(c) for c in args.selection_classes.split(",") if c], args.k)
-    knn = knn_rows([int(c) for c in args.knn_classes.split(",") if c], args.k, tiles=tiles)
-    (args.out / "selection.json").write_text(json.dumps({"device": torch.cuda.get_device_name(),
-                                                         "rows": selection, "knn": knn}, indent=1))
+    selection, knn = [], []
+    searches = (selection_rows([int(c) for c in args.selection_classes.split(",") if c], args.k),
+                knn_rows([int(c) for c in args.knn_classes.split(",") if c], args.k, tiles=tiles))
+    for rows, measured in zip((selection, knn), searches):
+        for row in measured:  # written after every row: a GPU lease's time box may stop the sweep
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            write_atomic(args.out / "selection.json", json.dumps({"device": torch.cuda.get_device_name(),
+                                                                  "rows": selection, "knn": knn}, indent=1))
     tables = []
     for cell in filter(None, args.cells.split(",")):  # '' skips the step tables
         method, classes, *kernels = cell.split(":")
@@ -147,8 +148,8 @@ def main() -> None:
         table = step_table(method, int(classes), args.batch, args.crop, knn=kernels[0], loss_kernel=kernels[1])
         torch.cuda.empty_cache()
         tables.append(f"## {cell}, batch {args.batch}, {args.crop}², fp32\n\n```\n{table}\n```\n")
-        (args.out / "steps.md").write_text(f"# Step breakdown on {torch.cuda.get_device_name()}\n\n"
-                                           + "\n".join(tables))
+        write_atomic(args.out / "steps.md",
+                     f"# Step breakdown on {torch.cuda.get_device_name()}\n\n" + "\n".join(tables))
         print(tables[-1], flush=True)
 
 

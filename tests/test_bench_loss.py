@@ -50,3 +50,30 @@ def test_bench_loss_refuses_an_unknown_variant_before_running(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "--variants: unknown ess_fusd; known: baseline" in result.stderr
     assert not (tmp_path / "b").exists()
+
+
+def test_bench_loss_keeps_each_finished_cell_when_stopped(tmp_path, monkeypatch):
+    """A GPU lease's time box may stop the bench mid-C: the cells finished before it are on disk."""
+    import pytest
+    import torch
+
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    import bench_loss
+
+    real, done = bench_loss.bench_cell, []
+
+    def cell(name, classes, args):
+        if done:
+            raise KeyboardInterrupt  # the time box, during the second cell
+        done.append(name)
+        return real(name, classes, args)
+
+    out = tmp_path / "bench"
+    monkeypatch.setattr(bench_loss, "bench_cell", cell)
+    monkeypatch.setattr(sys, "argv", ["bench_loss.py", "--classes", "19", "--variants", "baseline,ess", "--batch", "1",
+                                      "--size", "16", "--reps", "1", "--threads", str(torch.get_num_threads()),
+                                      "--out", str(out)])
+    with pytest.raises(KeyboardInterrupt):
+        bench_loss.main()
+    with open(out / "results.csv") as f:
+        assert [r["variant"] for r in csv.DictReader(f)] == ["baseline"]

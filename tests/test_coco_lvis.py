@@ -284,3 +284,28 @@ def test_classes_json_is_written_atomically(tmp_path, monkeypatch):
     lvis_json, stuff_json = write_fixture(tmp_path, corrupt=False)
     build_masks(lvis_json, [stuff_json], tmp_path / "out", workers=1)
     assert atomic == [tmp_path / "out" / "inputs.json", tmp_path / "out" / "classes.json"]
+
+
+def test_malformed_files_are_one_line_errors(tmp_path):
+    """JSON of the wrong shape (build-dataset's inputs, its inputs.json, the loader's classes.json)
+    is refused naming the file, not a TypeError traceback."""
+    lvis_json, stuff_json = write_fixture(tmp_path, corrupt=False)
+    root = tmp_path / "coco"
+    out = root / "masks" / "train"
+    assert build(tmp_path, out).exit_code == 0
+    (out / "inputs.json").write_text("{")
+    result = build(tmp_path, out)
+    assert result.exit_code == 2 and "inputs.json is damaged" in result.output, result.output
+    cfg = DataConfig(name="coco_lvis", root=str(root), num_classes=1284)
+    write_images(root, [1, 2, 3, 4])
+    for text, why in (("[1, 2]", "a list, not a mask value -> name map"),
+                      ('{"0": "unlabeled", "2": "a"}', "no value '1'")):
+        (out / "classes.json").write_text(text)
+        with pytest.raises(DataError, match=rf"classes.json is not the classes.json .*\({why}"):
+            DATASETS["coco_lvis"](cfg, "train")
+    lvis = json.loads(lvis_json.read_text())
+    for bad, where in (("a string", "images[1]"), ({"id": [2]}, "images[1]")):
+        lvis["images"][1] = bad
+        lvis_json.write_text(json.dumps(lvis))
+        result = build(tmp_path, tmp_path / "other")
+        assert result.exit_code == 2 and f"{where} is not a COCO-format entry" in result.output, result.output

@@ -404,3 +404,36 @@ def test_predict_names_hf_classes_from_the_recipe_without_loading_the_dataset(mo
     monkeypatch.setitem(esskit.data.DATASETS, "hf", no_loading)
     cfg = data_cfg(name="hf", root="some/hub-id", num_classes=3, class_names=["sky", "road", "car"])
     assert class_names(cfg) == ["sky", "road", "car"]
+
+
+def test_unreadable_split_lists_and_hf_text_masks_are_one_line_errors(tmp_path, monkeypatch):
+    root = make_voc(tmp_path)
+    voc = data_cfg(name="voc", root=str(root), num_classes=21)
+    split_list = root / "ImageSets" / "Segmentation" / "train.txt"
+    split_list.write_bytes(b"2007_000032\n2007_00\xe9039\n")  # Latin-1, not UTF-8
+    with pytest.raises(DataError, match=r"cannot read split list .*train\.txt .*utf-8"):
+        DATASETS["voc"](voc, "train")
+    split_list.unlink()
+    split_list.mkdir()  # a directory where the list belongs
+    with pytest.raises(DataError, match=r"cannot read split list .*train\.txt .*Is a directory"):
+        DATASETS["voc"](voc, "train")
+
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    images, _ = hf_rows(2)
+    table = datasets.Dataset.from_dict({"pixels": images, "seg": ["mask0.png", "mask1.png"]},
+                                       features=datasets.Features({"pixels": datasets.Image(),
+                                                                   "seg": datasets.Value("string")}))
+    datasets.DatasetDict({"train": table}).save_to_disk(tmp_path / "names")
+    raw = DATASETS["hf"](data_cfg(root=str(tmp_path / "names"), **HF_KEYS), "train")
+    with pytest.raises(DataError, match=r"row 0: the mask column holds str 'mask0.png', not a mask image"):
+        raw[0]
+
+
+def test_predict_never_loads_an_hf_hub_dataset_for_class_names(monkeypatch):
+    import esskit.data
+    from esskit.palette import class_names
+
+    monkeypatch.setitem(esskit.data.DATASETS, "hf", lambda *a, **k: pytest.fail("the hub dataset was loaded"))
+    assert class_names(data_cfg(name="hf", root="someone/some-seg-dataset", num_classes=3)) == [
+        "class_0", "class_1", "class_2"]

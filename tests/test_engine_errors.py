@@ -232,3 +232,51 @@ def test_non_finite_batchnorm_statistics_are_not_saved(tmp_path, monkeypatch):
 def test_fp16_training_on_the_cpu_is_refused(tmp_path):
     # accelerate would run it in fp32 under an fp16 label
     one_line_error(train(tmp_path / "run", "train.mixed_precision=fp16"), "train.mixed_precision = 'fp16' needs a GPU")
+
+
+def test_damaged_or_renamed_checkpoints(tmp_path):
+    """A copy named checkpoint-N-backup is not a checkpoint; a damaged one is a one-line error that
+    names the older complete checkpoint; the weights are as readable as the other run files."""
+    import shutil
+
+    from esskit.files import _mode
+
+    run = tmp_path / "run"
+    assert train(run, "train.save_every=1", "train.steps=2").exit_code == 0
+    newest = run / "checkpoint-00000002"
+    assert (newest / "model.safetensors").stat().st_mode & 0o777 == _mode()  # safetensors writes 0600
+    shutil.copytree(newest, run / "checkpoint-00000002-backup")
+    assert esskit("evaluate", str(RECIPE), "--checkpoint", str(run), overrides=TINY).exit_code == 0
+    weights = newest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    for command in (["evaluate", str(RECIPE), "--checkpoint", str(run)], ["train", str(RECIPE), "--resume", str(run)]):
+        one_line_error(esskit(*command, overrides=TINY + ["train.steps=3"]), f"checkpoint {newest} is damaged",
+                       f"move it aside to use {run / 'checkpoint-00000001'}")
+    (run / "checkpoint-00000001" / "trainer_state.json").write_text('{"step": ')
+    one_line_error(esskit("evaluate", str(RECIPE), "--checkpoint", str(run / "checkpoint-00000001"), overrides=TINY),
+                   "is damaged (trainer_state.json: Expecting value", "no older checkpoint")
+
+
+def test_a_failed_save_is_one_line_and_frees_its_space(tmp_path, monkeypatch):
+    import accelerate
+
+    real, calls = accelerate.Accelerator.save_state, []
+
+    def full_disk(self, output_dir, **kwargs):
+        calls.append(output_dir)
+        real(self, output_dir, **kwargs)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(accelerate.Accelerator, "save_state", full_disk)
+    run = tmp_path / "run"
+    one_line_error(train(run, "train.save_every=1", "train.steps=3"),
+                   f"cannot write checkpoint-00000002 in {run}: [Errno 28] No space left on device",
+                   f"{run / 'checkpoint-00000001'} is intact")
+    assert sorted(p.name for p in run.iterdir() if "checkpoint" in p.name) == ["checkpoint-00000001"]
+
+
+def test_an_empty_out_dir_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # Path("") would be this directory
+    one_line_error(esskit("train", str(RECIPE), overrides=TINY + ['train.out_dir=""']), "train.out_dir is empty")
+    assert list(tmp_path.iterdir()) == []

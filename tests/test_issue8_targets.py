@@ -44,3 +44,17 @@ def test_a_missing_folder_is_one_line(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "profiling" / "issue8_targets.py"), str(tmp_path / "no")],
                             capture_output=True, text=True)
     assert result.returncode == 1 and "unpack the GPU run's results.tgz" in result.stderr
+
+
+def test_max_batch_target_needs_every_cell_of_the_part(tmp_path):
+    folder = tmp_path / "resnet50-512-fp32-12gib-auto-cuda"
+    folder.mkdir()
+    rows = [{"method": "ess", "classes": c, "max_batch": 17} for c in (19, 1284)]  # a time box stopped it
+    (folder / "results.json").write_text(json.dumps({"rows": rows}))
+    target = "max batch ≥ 16 at 12 GiB (ESS and ess_full, C = 19 … 100,000)"
+    assert {t: (m, met) for t, m, met in targets(tmp_path)}[target] == (
+        "ess 19: 17, ess 1284: 17 (incomplete: 2 of 6 cells)", "no")
+    rows += [{"method": m, "classes": c, "max_batch": 18} for m in ("ess", "ess_full") for c in (19, 1284, 100000)
+             if m == "ess_full" or c == 100000]
+    (folder / "results.json").write_text(json.dumps({"rows": rows}))
+    assert {t: met for t, _, met in targets(tmp_path)}[target] == "yes"

@@ -192,6 +192,16 @@ def test_profile_cli_reports_bad_options_in_one_line(tmp_path):
     result = CliRunner().invoke(app, ["profile", "--device", "meta", "--classes", "19", "--methods", "ess",
                                       "--backbone", "resnet18", "--crop", "16", "--out", str(tmp_path / "a_file")])
     assert result.exit_code == 2 and "--out" in result.output and "a_file: cannot create" in result.output
+    for budget in ("nan", "inf"):
+        result = CliRunner().invoke(app, ["profile", "--device", "meta", "--budget-gib", budget, "--out", str(tmp_path)])
+        assert result.exit_code == 2 and "--budget-gib, --max-batch, --batch and --crop must be" in result.output
+    result = CliRunner().invoke(app, ["profile", "--device", "meta", "--backbone", "resnet_nope", "--out",
+                                      str(tmp_path / "never")])  # before any table or folder
+    assert result.output.startswith("error: model.backbone = 'resnet_nope' is not a timm model")
+    assert not (tmp_path / "never").exists()
+    # k is checked against the profiled C, not the recipe's default 19
+    from esskit.profile import load_base
+    assert load_base(None, ["method.k=30"], "150,1284")[0].method.k == 30
 
 
 def test_profile_search_and_notes_at_the_edges():

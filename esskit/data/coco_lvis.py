@@ -15,6 +15,7 @@ import math
 import multiprocessing
 import os
 from collections import defaultdict
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,6 +59,19 @@ STUFF_LUT = stuff_lut()
 # ---------------------------------------------------------------------------------------------- load
 
 
+def _class_names(classes_file: Path) -> list[str]:
+    """Names in train-id order from `build-dataset`'s classes.json ({"0": "unlabeled", "1": ...}:
+    mask value v is class v-1)."""
+    try:
+        classes = json.loads(classes_file.read_text())
+        if not isinstance(classes, dict):
+            raise ValueError(f"a {type(classes).__name__}, not a mask value -> name map")
+        return [str(classes[str(v)]) for v in range(1, len(classes))]
+    except (ValueError, KeyError) as e:
+        raise DataError(f"coco_lvis: {classes_file} is not the classes.json `esskit build-dataset coco-lvis` "
+                        f"writes ({'no value ' + str(e) if isinstance(e, KeyError) else e}); rebuild it") from None
+
+
 def load(cfg, split: str) -> PairDataset:
     root = require_root(cfg, "coco_lvis", LAYOUT)
     mask_dir = root / "masks" / split
@@ -67,8 +81,7 @@ def load(cfg, split: str) -> PairDataset:
                         f"or their build did not finish); (re)run `esskit build-dataset coco-lvis --lvis-json "
                         f"lvis_v1_{split}.json --stuff-json stuff_train2017.json --stuff-json "
                         f"stuff_val2017.json --out {mask_dir}`, which keeps finished masks; expected {LAYOUT}")
-    classes = json.loads(classes_file.read_text())
-    names = [classes[str(v)] for v in range(1, len(classes))]  # value v is class v-1
+    names = _class_names(classes_file)
     check_num_classes(cfg, "coco_lvis", names)
     masks = sorted(mask_dir.glob("*.png"))
     if not masks:
@@ -200,6 +213,11 @@ def _read_json(path: Path, what: str) -> dict:
     if not isinstance(data, dict) or not all(isinstance(data.get(k), list)
                                              for k in ("images", "annotations", "categories")):
         raise DataError(f"{what} file {path} lacks the COCO-format lists images/annotations/categories")
+    for key, id_key in (("images", "id"), ("annotations", "image_id"), ("categories", "id")):
+        for i, entry in enumerate(data[key]):  # ids key dicts below: a list id would be a TypeError there
+            if not isinstance(entry, dict) or not isinstance(entry.get(id_key), Hashable):
+                raise DataError(f"{what} file {path}: {key}[{i}] is not a COCO-format entry with a scalar "
+                                f"{id_key!r} ({str(entry)[:60]})")
     return data
 
 
@@ -232,7 +250,12 @@ def _claim_out_dir(out: Path, inputs: dict) -> None:
         raise DataError(f"--out {out} cannot be created: {e.strerror}") from None
     record = out / "inputs.json"
     built = record.is_file() and any(out.glob("*.png"))
-    if built and json.loads(record.read_text()) != inputs:
+    try:
+        recorded = json.loads(record.read_text()) if built else inputs
+    except ValueError as e:
+        raise DataError(f"--out {out}: {record} is damaged ({e}); delete it if the masks there were built from "
+                        f"these files, or build into a new --out") from None
+    if recorded != inputs:
         raise DataError(f"--out {out} holds masks built from other input files ({record}); build into a new "
                         f"--out, or delete it to rebuild")
     write_atomic(record, json.dumps(inputs, indent=1))

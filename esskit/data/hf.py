@@ -113,13 +113,25 @@ class HFSegmentation(torch.utils.data.Dataset):
         row, where = self.data[index], f"{self.name} row {index}"
         image = _image_array(row[self.image_column], where)
         mask = row[self.mask_column]
-        raw = labels_from_pil(mask, where) if isinstance(mask, Image.Image) else np.asarray(mask, np.int64)
+        raw = labels_from_pil(mask, where) if isinstance(mask, Image.Image) else _integer_mask(mask, where)
         if raw.shape != image.shape[:2]:
             raise DataError(f"{where}: mask is {'x'.join(map(str, raw.shape))} but image is "
                             f"{image.shape[0]}x{image.shape[1]}")
         labels = np.where(raw == self.void, IGNORE_INDEX, raw - self.offset)
         return (torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
                 torch.from_numpy(labels.astype(np.int64)))
+
+
+def _integer_mask(mask, where: str) -> np.ndarray:
+    """A mask column that is not an image: a 2-D integer array (nested lists)."""
+    try:
+        raw = np.asarray(mask, np.int64)
+    except (ValueError, TypeError):  # file names, ragged lists
+        raw = None
+    if raw is None or raw.ndim != 2:
+        raise DataError(f"{where}: the mask column holds {type(mask).__name__} "
+                        f"{str(mask)[:40]!r}, not a mask image or a 2-D integer array; set data.mask_column")
+    return raw
 
 
 def load(cfg, split: str) -> HFSegmentation:

@@ -98,7 +98,11 @@ def require(path: Path, dataset: str, layout: str) -> Path:
 
 def read_list(path: Path, dataset: str, layout: str) -> list[str]:
     """Non-empty lines of a split list file (ImageSets/*.txt, imageLists/*.txt)."""
-    names = [line.strip() for line in require(path, dataset, layout).read_text().splitlines()]
+    try:
+        text = require(path, dataset, layout).read_text()
+    except (OSError, UnicodeDecodeError) as e:  # a directory, no permission, not UTF-8
+        raise DataError(f"{dataset}: cannot read split list {path} ({e}); expected {layout}") from None
+    names = [line.strip() for line in text.splitlines()]
     names = [name for name in names if name]
     if not names:
         raise DataError(f"{dataset}: split list {path} is empty")
@@ -134,7 +138,7 @@ class PairDataset(torch.utils.data.Dataset):
         image = read_image(self.images[index])
         raw = self.read_labels(self.masks[index])
         if raw.shape != tuple(image.shape[1:]):
-            raise DataError(f"mask {self.masks[index]} is {raw.shape[0]}x{raw.shape[1]} but image "
+            raise DataError(f"mask {self.masks[index]} is {'x'.join(map(str, raw.shape))} but image "
                             f"{self.images[index]} is {image.shape[1]}x{image.shape[2]}")
         if raw.size and (raw.min() < 0 or raw.max() >= len(self.lut)):
             value = int(raw.min() if raw.min() < 0 else raw.max())

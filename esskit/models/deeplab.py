@@ -76,7 +76,8 @@ class DeepLabV3Plus(nn.Module):
         return self.head(self.decoder(torch.cat([high, low], dim=1)))
 
 
-def _create_backbone(name: str, pretrained: bool) -> nn.Module:
+def create_backbone(name: str, pretrained: bool) -> nn.Module:
+    """timm's `name` as a dilated (output stride 16) feature extractor; its failures as one-line errors."""
     try:
         return timm.create_model(name, features_only=True, output_stride=16, pretrained=pretrained)
     except RuntimeError as e:
@@ -124,7 +125,7 @@ def build_model(backbone: str, num_classes: int, method: str, embed_dim: int = 1
     ending in a 1x1 conv to C (`method="baseline"`) or to `embed_dim` with class embeddings
     (`"ess"`, `"ess_full"`; `normalize`, `variant`: method.normalize and method.variant, which set
     the distance prediction uses)."""
-    body = _create_backbone(backbone, pretrained)
+    body = create_backbone(backbone, pretrained)
     reductions = body.feature_info.reduction()
     if 4 not in reductions or reductions[-1] != 16:
         raise ModelError(f"model.backbone = {backbone!r} gives feature strides {reductions}; DeepLabV3+ needs "

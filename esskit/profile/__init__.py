@@ -14,6 +14,7 @@ import torch
 
 from esskit.config import Config, load_config
 from esskit.errors import ConfigError
+from esskit.models.deeplab import create_backbone
 from esskit.profile.report import LiveTable, write_results
 from esskit.profile.search import ProfileSpec, profile_grid
 
@@ -42,9 +43,11 @@ def parse_crop(text: str) -> tuple[int, int]:
     return (sizes[0], sizes[-1])
 
 
-def load_base(recipe: Path | None, overrides: list[str]) -> tuple[Config, set[str]]:
-    """The recipe (or the defaults) with --set applied, and the section.key names they set."""
-    cfg = load_config(recipe, overrides)  # validates, with errors that name the key
+def load_base(recipe: Path | None, overrides: list[str], classes: str | None = None) -> tuple[Config, set[str]]:
+    """The recipe (or the defaults) with --set applied, and the section.key names they set. With
+    --classes, C is checked as the largest of them (each cell's config is checked at its own C)."""
+    largest = [f"data.num_classes={max(parse_ints(classes, '--classes'))}"] if classes is not None else []
+    cfg = load_config(recipe, overrides + largest)  # validates, with errors that name the key
     keys = {text.split("=", 1)[0].strip() for text in overrides}
     if recipe is not None:
         raw = tomllib.loads(Path(recipe).read_text())
@@ -80,9 +83,11 @@ def make_backend(spec: ProfileSpec):
 
 def run_profile(spec: ProfileSpec, out_dir: Path) -> list[dict]:
     """Profile every (method, C) of `spec` and write the results into `out_dir`."""
-    for method in spec.methods:  # fail on a bad recipe/--set or --out before any work
+    for method in spec.methods:  # fail on a bad recipe/--set, backbone or --out before any work
         for num_classes in spec.classes:
             spec.config(method, num_classes)
+    with torch.device("meta"):  # no weights: only whether timm builds it
+        create_backbone(spec.backbone, pretrained=False)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:

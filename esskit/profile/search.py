@@ -8,6 +8,7 @@ backend that answers "does this batch fit?": `estimate.Estimator` (fake tensors,
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
@@ -99,7 +100,8 @@ class ProfileSpec:
             raise ConfigError(f"--device {self.device!r} is not one of {', '.join(PROFILE_DEVICES)}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"--mixed-precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
-        if self.budget_gib <= 0 or self.max_batch < 1 or min(self.crop) < 1 or self.batch < 0:
+        if not math.isfinite(self.budget_gib) or self.budget_gib <= 0 or self.max_batch < 1 or min(self.crop) < 1 \
+                or self.batch < 0:
             raise ConfigError("--budget-gib, --max-batch, --batch and --crop must be positive")
 
     @property
