@@ -14,7 +14,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from esskit.errors import ConfigError, TrainingError
-from esskit.files import _mode
+from esskit.files import new_file_mode
 
 # The recipe keys that fix the model's parameter shapes: a checkpoint loads only into their values.
 SHAPE_KEYS = ("model.backbone", "model.norm", "model.embed_dim", "method.name", "data.num_classes")
@@ -57,7 +57,7 @@ def _finish_tree(directory: Path) -> None:
     """Flush every file to disk, readable as the umask allows (safetensors writes its file 0600)."""
     for path in directory.iterdir():
         if path.is_file():
-            os.chmod(path, _mode())
+            os.chmod(path, new_file_mode())
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
 
@@ -74,7 +74,7 @@ def damaged(checkpoint: Path, error: Exception) -> TrainingError:
     """The one-line error of a checkpoint whose files cannot be read, naming an older complete one."""
     older = [p for p in list_checkpoints(checkpoint.parent) if p.name < checkpoint.name]
     hint = (f"move it aside to use {older[-1]}" if older else "no older checkpoint exists in the run directory")
-    return TrainingError(f"checkpoint {checkpoint} is damaged ({str(error).strip().splitlines()[-1]}); {hint}")
+    return TrainingError(f"checkpoint {checkpoint} is damaged ({(str(error).strip().splitlines() or [type(error).__name__])[-1]}); {hint}")
 
 
 def find_checkpoint(path: str | Path) -> Path:

@@ -15,7 +15,7 @@ _UMASK = os.umask(0o022)  # read once, at import (os.umask can only read by sett
 os.umask(_UMASK)
 
 
-def _mode() -> int:
+def new_file_mode() -> int:
     """What open() would give a new file: mkstemp's 0600 would make run files private."""
     return 0o666 & ~_UMASK
 
@@ -26,7 +26,7 @@ def _replaced_atomically(path: Path):
     ends, or is removed when it raises."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.fchmod(fd, _mode())
+        os.fchmod(fd, new_file_mode())
         yield fd, tmp
         os.replace(tmp, path)
     except BaseException:

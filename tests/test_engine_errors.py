@@ -239,12 +239,12 @@ def test_damaged_or_renamed_checkpoints(tmp_path):
     names the older complete checkpoint; the weights are as readable as the other run files."""
     import shutil
 
-    from esskit.files import _mode
+    from esskit.files import new_file_mode
 
     run = tmp_path / "run"
     assert train(run, "train.save_every=1", "train.steps=2").exit_code == 0
     newest = run / "checkpoint-00000002"
-    assert (newest / "model.safetensors").stat().st_mode & 0o777 == _mode()  # safetensors writes 0600
+    assert (newest / "model.safetensors").stat().st_mode & 0o777 == new_file_mode()  # safetensors writes 0600
     shutil.copytree(newest, run / "checkpoint-00000002-backup")
     assert esskit("evaluate", str(RECIPE), "--checkpoint", str(run), overrides=TINY).exit_code == 0
     weights = newest / "model.safetensors"

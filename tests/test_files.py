@@ -55,4 +55,4 @@ def test_atomic_writes_get_the_umask_mode_not_mkstemps_0600(tmp_path):
     with open(tmp_path / "plain", "w"):  # what open() gives, the umask applied
         pass
     assert (tmp_path / "eval.json").stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777
-    assert files._mode() == 0o666 & ~files._UMASK
+    assert files.new_file_mode() == 0o666 & ~files._UMASK
