@@ -4,7 +4,7 @@ batch 2, 3 steps, d = 12, one thread). Each run is its own `esskit train` proces
 (os.wait4) is that run's alone.
 
     python profiling/scale_cpu.py                       # about 20 minutes on one CPU core
-    python profiling/scale_cpu.py --classes 19,10000 --out /tmp/scale
+    python profiling/scale_cpu.py --classes 19,10000 --out /tmp/scale --set method.knn_chunk_mib=8
 
 Writes, into --out, each run's config.toml and metrics.jsonl (no checkpoints, no eval.json: its
 per-class lists run to megabytes at C = 100,000), and results.csv / results.md (loss at the first and last step, s/step, wall time with evaluation,
@@ -32,11 +32,11 @@ SETTINGS = ["model.backbone=resnet18", "model.embed_dim=12", "data.crop=[64,64]"
 COLUMNS = ("method", "classes", "steps", "loss_first", "loss_last", "s_per_step_last", "wall_s", "max_rss_mib", "mIoU")
 
 
-def run(method: str, classes: int, out: Path) -> dict:
+def run(method: str, classes: int, out: Path, extra: list[str]) -> dict:
     run_dir = out / f"{method}-c{classes}"
     shutil.rmtree(run_dir, ignore_errors=True)
     command = [sys.executable, "-m", "esskit", "train", str(ROOT / "recipes" / "synthetic.toml"), "--out", str(run_dir)]
-    for key in SETTINGS + [f"method.name={method}", f"data.num_classes={classes}"]:
+    for key in SETTINGS + [f"method.name={method}", f"data.num_classes={classes}"] + extra:
         command += ["--set", key]
     start = time.time()
     process = subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL)
@@ -68,11 +68,12 @@ def main() -> None:
     parser.add_argument("--classes", default="19,10000,100000")
     parser.add_argument("--methods", default="ess,ess_full")
     parser.add_argument("--out", type=Path, default=ROOT / "profiling" / "results" / "scale-cpu")
+    parser.add_argument("--set", action="append", default=[], dest="extra", help="extra override for every run")
     args = parser.parse_args()
     rows = []
     for classes in map(int, args.classes.split(",")):
         for method in args.methods.split(","):
-            rows.append(run(method, classes, args.out))
+            rows.append(run(method, classes, args.out, args.extra))
             print(json.dumps(rows[-1]), flush=True)
             write_csv_atomic(args.out / "results.csv", COLUMNS, rows)
             write_atomic(args.out / "results.md", table_md(rows))
