@@ -15,7 +15,7 @@ from torch._subclasses.fake_tensor import is_fake
 
 from esskit.errors import ConfigError
 
-DEFAULT_CHUNK_BYTES = 64 * 2**20  # = method.knn_chunk_mib default; inference uses it too
+DEFAULT_CHUNK_BYTES = 64 * 2**20  # = method.knn_chunk_mib default
 
 
 def _check_k(k: int, num_keys: int) -> None:

@@ -280,3 +280,14 @@ def test_an_empty_out_dir_is_refused(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # Path("") would be this directory
     one_line_error(esskit("train", str(RECIPE), overrides=TINY + ['train.out_dir=""']), "train.out_dir is empty")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_evaluation_searches_in_the_recipes_knn_blocks(tmp_path, monkeypatch):
+    """method.knn_chunk_mib bounds the nearest-class search of evaluation too (it kept 64 MiB)."""
+    import esskit.models.heads as heads
+
+    real, budgets = heads.knn_exact, []
+    monkeypatch.setattr(heads, "knn_exact", lambda x, mu, k, chunk_bytes: budgets.append(chunk_bytes)
+                        or real(x, mu, k, chunk_bytes))
+    assert train(tmp_path / "run", "method.knn_chunk_mib=1").exit_code == 0
+    assert budgets and set(budgets) == {2**20}

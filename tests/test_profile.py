@@ -262,7 +262,7 @@ def test_cuda_measurer_control_flow_without_a_gpu(monkeypatch):
     monkeypatch.setattr(measure, "build_training",
                         lambda cfg, device: builds.append(cfg.method.name) or (torch.nn.Linear(1, 1), None))
     monkeypatch.setattr(measure, "synthetic_batch", lambda cfg, batch, device: (batch, None))
-    monkeypatch.setattr(measure, "inference_step", lambda model, images, amp: None)
+    monkeypatch.setattr(measure, "inference_step", lambda model, images, amp, cfg: None)
     estimated_at = []
     monkeypatch.setattr(measure, "estimate_training_peak",
                         lambda cfg, batch, cap_bytes: estimated_at.append(batch) or MemoryEstimate(5 * MIB, 4 * MIB))

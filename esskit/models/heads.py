@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from esskit.knn import knn_exact
+from esskit.knn import DEFAULT_CHUNK_BYTES, knn_exact
 from esskit.losses import pixels_last, upsample
 
 
@@ -50,9 +50,10 @@ class EmbeddingHead(nn.Module):
 
 
 @torch.no_grad()
-def predict_labels(output: dict, size) -> torch.Tensor:
+def predict_labels(output: dict, size, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> torch.Tensor:
     """Per-pixel class ids [B, H, W] at `size`: argmax for the baseline, nearest class embedding
-    for ESS (chunked exact search, no [pixels, C] tensor), in the distance its loss trained."""
+    for ESS (exact search in distance blocks of `chunk_bytes`, method.knn_chunk_mib; no [pixels, C]
+    tensor), in the distance its loss trained."""
     if "logits" in output:
         return upsample(output["logits"].float(), size).argmax(1)
     emb = upsample(output["embeddings"].float(), size)
@@ -62,5 +63,5 @@ def predict_labels(output: dict, size) -> torch.Tensor:
         mu = F.normalize(mu, dim=1)
     elif output.get("normalize", True):
         x, mu = F.normalize(x, dim=1), F.normalize(mu, dim=1)
-    _, idx = knn_exact(x, mu, 1)
+    _, idx = knn_exact(x, mu, 1, chunk_bytes)
     return idx.view(b, h, w)

@@ -188,7 +188,7 @@ class CudaMeasurer:
             for i in range(INFER_WARMUP + INFER_ITERS):
                 torch.cuda.synchronize(self.device)
                 start = time.perf_counter()
-                inference_step(model, images, amp)
+                inference_step(model, images, amp, cfg)
                 torch.cuda.synchronize(self.device)
                 if i >= INFER_WARMUP:
                     seconds.append(time.perf_counter() - start)

@@ -128,6 +128,6 @@ def training_step(model, optimizer, images: torch.Tensor, target: torch.Tensor, 
 
 
 @torch.no_grad()
-def inference_step(model, images: torch.Tensor, amp: MixedPrecision) -> torch.Tensor:
+def inference_step(model, images: torch.Tensor, amp: MixedPrecision, cfg: Config) -> torch.Tensor:
     """Forward and per-pixel labels, as `esskit.engine.evaluate` predicts."""
-    return predict_labels(amp.forward(model, images), images.shape[-2:])
+    return predict_labels(amp.forward(model, images), images.shape[-2:], cfg.method.knn_chunk_mib * 2**20)
