@@ -40,9 +40,7 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, keep: in
             _finish_tree(tmp)
     except (OSError, SafetensorError) as e:  # e.g. a full disk: free what this save took
         shutil.rmtree(tmp, ignore_errors=True)
-        older = list_checkpoints(run_dir)
-        kept = f"{older[-1]} is intact" if older else "no earlier checkpoint exists"
-        raise TrainingError(f"cannot write {final.name} in {run_dir}: {e}; {kept}") from None
+        raise TrainingError(f"cannot write {final.name} in {run_dir}: {e}; {newest_checkpoint_note(run_dir)}") from None
     if accelerator.is_main_process:
         if final.exists():
             shutil.rmtree(final)
@@ -70,11 +68,17 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
 
 
+def newest_checkpoint_note(run_dir: Path) -> str:
+    found = list_checkpoints(run_dir)
+    return f"the newest one, {found[-1]}, is intact" if found else f"none was saved in {run_dir} yet"
+
+
 def damaged(checkpoint: Path, error: Exception) -> TrainingError:
     """The one-line error of a checkpoint whose files cannot be read, naming an older complete one."""
     older = [p for p in list_checkpoints(checkpoint.parent) if p.name < checkpoint.name]
     hint = (f"move it aside to use {older[-1]}" if older else "no older checkpoint exists in the run directory")
-    return TrainingError(f"checkpoint {checkpoint} is damaged ({(str(error).strip().splitlines() or [type(error).__name__])[-1]}); {hint}")
+    why = (str(error).strip().splitlines() or [type(error).__name__])[-1]
+    return TrainingError(f"checkpoint {checkpoint} is damaged ({why}); {hint}")
 
 
 def find_checkpoint(path: str | Path) -> Path:

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from esskit import report
 from esskit.checkpoint import (SHAPE_KEYS, checkpoint_step, damaged, find_checkpoint, list_checkpoints, load_weights,
-                               save_checkpoint)
+                               newest_checkpoint_note, save_checkpoint)
 from esskit.config import Config, load_config, save_config
 from esskit.data import build_dataset
 from esskit.data.transforms import EpochSampler
@@ -189,11 +189,6 @@ def check_finite_state(accelerator: Accelerator, model: torch.nn.Module, run_dir
         raise TrainingError(f"the model holds non-finite values at step {step}{named}; no checkpoint was "
                             f"written for it ({newest_checkpoint_note(run_dir)}); lower optim.lr or disable "
                             f"train.mixed_precision")
-
-
-def newest_checkpoint_note(run_dir: Path) -> str:
-    found = list_checkpoints(run_dir)
-    return f"the newest one, {found[-1]}, is intact" if found else f"none was saved in {run_dir} yet"
 
 
 def endless_batches(accelerator: Accelerator, loader, start_batch: int):

@@ -8,7 +8,6 @@ palette that is deterministic and distinct for every class, thousands included.
 from __future__ import annotations
 
 from importlib import import_module
-from pathlib import Path
 
 import numpy as np
 
@@ -128,9 +127,9 @@ def colorize(labels: np.ndarray, palette: np.ndarray) -> np.ndarray:
 
 
 def class_names(data_cfg) -> list[str]:
-    """Names in train-id order: the dataset module's CLASS_NAMES, else the loaded dataset's
-    `class_names` (synthetic, hf, coco_lvis's classes.json), else "class_N". Predicting must not
-    need the training data on disk, so a dataset that cannot be loaded here falls back quietly."""
+    """Names in train-id order: the dataset module's CLASS_NAMES, hf's from the recipe, else the
+    loaded dataset's `class_names` (synthetic, coco_lvis's classes.json), else "class_N". Predicting
+    must not need the training data on disk, so a dataset that cannot be loaded falls back quietly."""
     from esskit.data import DATASETS
     from esskit.errors import EsskitError
 
@@ -139,15 +138,14 @@ def class_names(data_cfg) -> list[str]:
     names = None
     if hasattr(load, "module"):
         names = getattr(import_module(load.module), "CLASS_NAMES", None)
-    if names is None and data_cfg.name == "hf" and (data_cfg.class_names or data_cfg.class_names_file):
-        from esskit.data.hf import class_names as recipe_names  # the recipe's: no dataset download
+    if data_cfg.name == "hf":  # the recipe's names, as the loader sets them: no dataset or Hub access
+        from esskit.data.hf import class_names as recipe_names
 
         try:
             names = recipe_names(data_cfg)
         except EsskitError:
             names = None
-    hub = data_cfg.name == "hf" and not Path(data_cfg.root).expanduser().exists()  # loading would download
-    if names is None and load is not None and not hub:
+    elif names is None and load is not None:
         try:
             names = getattr(load(data_cfg, data_cfg.val_split), "class_names", None)
         except (EsskitError, OSError, ValueError):

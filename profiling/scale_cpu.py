@@ -7,9 +7,10 @@ batch 2, 3 steps, d = 12, one thread). Each run is its own `esskit train` proces
     python profiling/scale_cpu.py --classes 19,10000 --out /tmp/scale --set method.knn_chunk_mib=8
 
 Writes, into --out, each run's config.toml and metrics.jsonl (no checkpoints, no eval.json: its
-per-class lists run to megabytes at C = 100,000), and results.csv / results.md (loss at the first and last step, s/step, wall time with evaluation,
-max RSS, val mIoU). RSS is the whole process (Python, libraries, allocator caches): a sign that
-nothing grows with C, not a GPU-memory measurement; `esskit profile --device meta` is that.
+per-class lists run to megabytes at C = 100,000), and results.csv / results.md (loss at the first
+and last step, s/step, wall time with evaluation, max RSS, val mIoU). RSS is the whole process
+(Python, libraries, allocator caches): a sign that nothing grows with C, not a GPU-memory
+measurement; `esskit profile --device meta` is that.
 """
 
 from __future__ import annotations
@@ -49,15 +50,15 @@ def run(method: str, classes: int, out: Path, extra: list[str]) -> dict:
     miou = json.loads((run_dir / "eval.json").read_text())["mIoU"]
     (run_dir / "eval.json").unlink()
     losses = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
-    return {"method": method, "classes": classes, "steps": losses[-1]["step"], "loss_first": round(losses[0]["loss"], 2),
-            "loss_last": round(losses[-1]["loss"], 2), "s_per_step_last": round(losses[-1]["s_per_step"], 2),
-            "wall_s": round(wall), "max_rss_mib": round(usage.ru_maxrss / 1024),  # Linux: KiB
+    return {"method": method, "classes": classes, "steps": losses[-1]["step"],
+            "loss_first": round(losses[0]["loss"], 2), "loss_last": round(losses[-1]["loss"], 2),
+            "s_per_step_last": round(losses[-1]["s_per_step"], 2), "wall_s": round(wall), "max_rss_mib": round(usage.ru_maxrss / 1024),  # Linux: KiB
             "mIoU": round(miou, 4)}
 
 
 def table_md(rows: list[dict]) -> str:
-    lines = ["| method | C | steps | loss at step 1 → last | s/step (last) | wall s (incl. eval) | max RSS MiB | val mIoU |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | C | steps | loss at step 1 → last | s/step (last) | wall s (incl. eval) | max RSS MiB "
+             "| val mIoU |", "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['method']} | {r['classes']:,} | {r['steps']} | {r['loss_first']:.2f} → {r['loss_last']:.2f} | "
               f"{r['s_per_step_last']} | {r['wall_s']} | {r['max_rss_mib']} | {r['mIoU']:.4f} |" for r in rows]
     return "\n".join(lines) + "\n"

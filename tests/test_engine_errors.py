@@ -272,7 +272,7 @@ def test_a_failed_save_is_one_line_and_frees_its_space(tmp_path, monkeypatch):
     run = tmp_path / "run"
     one_line_error(train(run, "train.save_every=1", "train.steps=3"),
                    f"cannot write checkpoint-00000002 in {run}: [Errno 28] No space left on device",
-                   f"{run / 'checkpoint-00000001'} is intact")
+                   f"the newest one, {run / 'checkpoint-00000001'}, is intact")
     assert sorted(p.name for p in run.iterdir() if "checkpoint" in p.name) == ["checkpoint-00000001"]
 
 
