@@ -4,7 +4,8 @@ batch 2, 3 steps, d = 12, one thread). Each run is its own `esskit train` proces
 (os.wait4) is that run's alone.
 
     python profiling/scale_cpu.py                       # about 20 minutes on one CPU core
-    python profiling/scale_cpu.py --classes 19,10000 --out /tmp/scale --set method.knn_chunk_mib=8
+    python profiling/scale_cpu.py --out profiling/results/scale-cpu-chunk8 \
+        --set method.knn_chunk_mib=8 --set method.loss_chunk_mib=8   # block budgets scaled to this batch
 
 Writes, into --out, each run's config.toml and metrics.jsonl (no checkpoints, no eval.json: its
 per-class lists run to megabytes at C = 100,000), and results.csv / results.md (loss at the first
