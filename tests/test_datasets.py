@@ -437,3 +437,47 @@ def test_predict_never_loads_an_hf_hub_dataset_for_class_names(monkeypatch):
     monkeypatch.setitem(esskit.data.DATASETS, "hf", lambda *a, **k: pytest.fail("the hub dataset was loaded"))
     assert class_names(data_cfg(name="hf", root="someone/some-seg-dataset", num_classes=3)) == [
         "class_0", "class_1", "class_2"]
+
+
+def test_empty_mat_masks_are_data_errors(tmp_path):
+    """A 0-byte .mat (interrupted download or unzip) makes scipy raise MatReadError, which is not an
+    OSError/ValueError: it must still be the loaders' one-line DataError naming the file."""
+    root = make_voc(tmp_path)
+    (tmp_path / "VOCdevkit/VOCaug/dataset/cls/2008_000002.mat").write_bytes(b"")
+    aug = DATASETS["voc"](data_cfg(name="voc", root=str(root), num_classes=21), "aug")
+    with pytest.raises(DataError, match=r"cannot read SBD mask .*2008_000002.mat"):
+        aug[2]
+    coco = tmp_path / "coco"
+    make_cocostuff10k(coco)
+    (coco / "annotations/COCO_train2014_000000000077.mat").write_bytes(b"")
+    ds = DATASETS["cocostuff10k"](data_cfg(name="cocostuff10k", root=str(coco), num_classes=182), "train")
+    with pytest.raises(DataError, match=r"cannot read COCO-Stuff10k mask .*000000000077.mat"):
+        ds[0]
+
+
+def test_hf_images_as_uint8_arrays(tmp_path):
+    """`datasets` hands uint8 array columns (Array3D) back as nested lists, int64 to numpy."""
+    datasets = pytest.importorskip("datasets")
+    from esskit.data.hf import HFSegmentation
+
+    pixels = noise(3, (4, 5))
+    table = datasets.Dataset.from_dict(
+        {"image": [pixels], "label": [np.ones((4, 5), np.uint8)]},
+        features=datasets.Features({"image": datasets.Array3D((4, 5, 3), "uint8"),
+                                    "label": datasets.Array2D((4, 5), "uint8")}))
+    image, mask = HFSegmentation(table, data_cfg(name="hf", root="x", num_classes=3), "train")[0]
+    assert image.dtype == torch.uint8 and torch.equal(image, torch.from_numpy(pixels.transpose(2, 0, 1)))
+    assert torch.equal(mask, torch.ones(4, 5, dtype=torch.int64))
+
+
+def test_hf_16bit_grey_images_are_scaled_not_clipped(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from esskit.data.hf import HFSegmentation
+
+    grey16 = (np.arange(20).reshape(4, 5) * 3000).astype(np.uint16)
+    Image.fromarray(grey16).save(tmp_path / "g.png")
+    table = datasets.Dataset.from_dict(
+        {"image": [Image.fromarray(grey16)], "label": [Image.fromarray(np.ones((4, 5), np.uint8))]},
+        features=datasets.Features({"image": datasets.Image(), "label": datasets.Image()}))
+    image, _ = HFSegmentation(table, data_cfg(name="hf", root="x", num_classes=3), "train")[0]
+    assert torch.equal(image, read_image(tmp_path / "g.png"))  # as the file loaders read it (/257)

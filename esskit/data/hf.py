@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from esskit.data import IGNORE_INDEX
-from esskit.data.images import labels_from_pil
+from esskit.data.images import labels_from_pil, rgb_from_pil
 from esskit.errors import DataError
 
 LAYOUT = ("data.root = a save_to_disk folder, a .parquet file or folder of parquet files, an "
@@ -81,8 +81,11 @@ def class_names(cfg) -> list[str]:
 
 def _image_array(value, where: str) -> np.ndarray:
     if isinstance(value, Image.Image):
-        return np.asarray(value.convert("RGB"))
+        return rgb_from_pil(value)
     array = np.asarray(value)
+    # `datasets` returns uint8 array columns (Array3D, nested lists) as Python lists, read as int64
+    if array.dtype.kind in "iu" and array.size and 0 <= array.min() and array.max() <= 255:
+        array = array.astype(np.uint8)
     if array.ndim == 2:
         array = np.repeat(array[..., None], 3, axis=-1)
     if array.ndim != 3 or array.shape[-1] != 3 or array.dtype != np.uint8:

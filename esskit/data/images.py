@@ -34,14 +34,18 @@ def read_image(path: str | Path, upright: bool = False) -> torch.Tensor:
         with Image.open(path) as image:
             if upright:
                 image = ImageOps.exif_transpose(image)
-            if image.mode in _WIDE_GREY:  # PIL's convert("RGB") would clip every value above 255
-                grey = (np.asarray(image).astype(np.float64).clip(0, 65535) / 257).round().astype(np.uint8)
-                array = np.repeat(grey[..., None], 3, axis=-1)
-            else:
-                array = np.asarray(image.convert("RGB"))
+            array = rgb_from_pil(image)
     except (OSError, ValueError) as e:
         raise DataError(f"cannot read image {path}: {e}") from None
     return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+
+
+def rgb_from_pil(image: Image.Image) -> np.ndarray:
+    """uint8 [H, W, 3] of a PIL image; 16-bit greyscale is scaled to 8 bits."""
+    if image.mode in _WIDE_GREY:  # PIL's convert("RGB") would clip every value above 255
+        grey = (np.asarray(image).astype(np.float64).clip(0, 65535) / 257).round().astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=-1)
+    return np.asarray(image.convert("RGB"))
 
 
 def labels_from_pil(image: Image.Image, where: str | Path) -> np.ndarray:

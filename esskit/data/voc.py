@@ -34,11 +34,12 @@ def read_labels(path: str) -> np.ndarray:
     if not path.endswith(".mat"):
         return read_mask(path)
     from scipy.io import loadmat
+    from scipy.io.matlab import MatReadError  # empty or truncated file: not an OSError/ValueError
 
     try:
         gt = loadmat(path, squeeze_me=True, struct_as_record=False)["GTcls"]
         return np.asarray(gt.Segmentation).astype(np.int64)
-    except (OSError, ValueError, KeyError, AttributeError) as e:
+    except (OSError, ValueError, KeyError, AttributeError, MatReadError) as e:
         raise DataError(f"cannot read SBD mask {path} (expected struct GTcls with field Segmentation): "
                         f"{e}") from None
 
