@@ -114,6 +114,8 @@ class DataConfig:
     base_size: list[int] = field(default_factory=lambda: [128, 128])
     scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])  # random rescale factors
     flip: bool = True  # random horizontal flip
+    cat_max_ratio: float = 1.0  # < 1: redraw a crop (up to 10 times) where one class covers this share (mmseg: 0.75)
+    photometric: bool = False  # mmseg's PhotoMetricDistortion (brightness, contrast, saturation, hue)
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])  # ImageNet
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     num_workers: int = 0  # DataLoader worker processes
@@ -141,6 +143,8 @@ class DataConfig:
         if not (0 < low <= high and math.isfinite(high)):  # NaN fails the comparisons too
             raise ConfigError(f"data.scale_range = {self.scale_range} must be [min, max] with 0 < min <= max "
                               f"(finite)")
+        if not 0 < self.cat_max_ratio <= 1:  # NaN fails too
+            raise ConfigError(f"data.cat_max_ratio = {self.cat_max_ratio} must be in (0, 1] (1 = off; mmseg uses 0.75)")
         if len(self.mean) != 3 or len(self.std) != 3:
             raise ConfigError("data.mean and data.std must have 3 values (RGB)")
         if not all(map(math.isfinite, self.mean)):

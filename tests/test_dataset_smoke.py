@@ -71,7 +71,7 @@ CASES = {  # test id: (data.name, writer, extra --set for training, extra `esski
     # The recipe's split: VOC train PNGs + SBD .mat masks - VOC val; batch 3 reads all three, the .mat too.
     "voc-aug": ("voc", voc, ["train.batch_size=3"], []),
     "voc-train": ("voc", voc, ["data.train_split=train"], []),
-    "ade20k": ("ade20k", ade20k, [], []),
+    "ade20k": ("ade20k", ade20k, ["data.cat_max_ratio=0.75", "data.photometric=true"], []),  # mmseg's ADE20k crop
     "cocostuff10k": ("cocostuff10k", cocostuff10k, [], []),
     "coco_lvis": ("coco_lvis", coco_lvis, [], []),
     "hf": ("hf", hf, [], []),

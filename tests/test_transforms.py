@@ -9,6 +9,7 @@ from torchvision import tv_tensors
 from esskit.config import DataConfig
 from esskit.data import IGNORE_INDEX
 from esskit.data.transforms import RandomRescale, SegmentationSet, train_transforms
+from esskit.errors import ConfigError
 
 
 def _mmcv_size(h, w, scale, ratio=1.0):
@@ -67,3 +68,38 @@ def test_crop_pads_the_mask_with_ignore():
     image, mask = torch.full((3, 32, 32), 200, dtype=torch.uint8), torch.ones(32, 32, dtype=torch.int64)
     x, y = SegmentationSet([(image, mask)], train_transforms(cfg), num_classes=2)[0]
     assert (y == 1).sum() == 32 * 32 and (y == IGNORE_INDEX).sum() == 64 * 64 - 32 * 32
+
+
+def test_cat_max_ratio_redraws_one_class_crops():
+    # left half class 0, right half class 1: a 16 x 16 crop at column L holds L / 16 of class 1, so
+    # only L = 5..11 (7 of 17 positions) keep both classes under 0.75; one draw lands there 41 % of
+    # the time, ten draws 99.5 %
+    mask = (torch.arange(32) >= 16).long().expand(32, 32).clone()
+    image = torch.zeros(3, 32, 32, dtype=torch.uint8)
+
+    def balanced(cat_max_ratio: float) -> float:
+        cfg = DataConfig(crop=[16, 16], base_size=[32, 32], scale_range=[1.0, 1.0], flip=False,
+                         cat_max_ratio=cat_max_ratio)
+        dataset = SegmentationSet([(image, mask)], train_transforms(cfg), num_classes=2)
+        shares = [dataset[epoch][1].float().mean() for epoch in range(200)]
+        return sum(0.25 < s < 0.75 for s in shares) / len(shares)
+
+    assert balanced(0.75) > 0.95
+    assert 0.25 < balanced(1.0) < 0.6  # off: a plain random crop
+
+
+def test_cat_max_ratio_off_is_the_plain_crop_and_photometric_changes_only_images():
+    image = torch.randint(0, 256, (3, 48, 48), dtype=torch.uint8)
+    mask = torch.randint(0, 5, (48, 48))
+    base = dict(crop=[32, 32], base_size=[48, 48], scale_range=[0.8, 1.2])
+    plain = SegmentationSet([(image, mask)], train_transforms(DataConfig(**base)), num_classes=5, seed=3)
+    photo = SegmentationSet([(image, mask)], train_transforms(DataConfig(**base, photometric=True)), num_classes=5,
+                            seed=3)
+    changed = 0
+    for epoch in range(6):
+        (x, y), (xp, yp) = plain[epoch], photo[epoch]
+        assert torch.equal(y, yp)  # same crop and flip: the distortion draws after them
+        changed += not torch.allclose(x, xp)
+    assert changed >= 4  # each of 4 jitters applies with probability 1/2
+    with pytest.raises(ConfigError, match=r"data.cat_max_ratio = 0"):
+        DataConfig(cat_max_ratio=0)

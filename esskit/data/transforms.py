@@ -42,13 +42,43 @@ def keep_ratio_size(size, box, ratio: float = 1.0) -> list[int]:
 
 def train_transforms(cfg: DataConfig) -> v2.Compose:
     """mmseg-style: rescale to `base_size` times a random factor (RandomRescale), crop (padding
-    masks with ignore), flip, normalise."""
+    masks with ignore; `cat_max_ratio` < 1 redraws one-class crops), flip, photometric distortion
+    (`photometric`), normalise."""
+    crop = v2.RandomCrop(tuple(cfg.crop), pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX})
     steps = [RandomRescale(cfg.base_size, cfg.scale_range),
-             v2.RandomCrop(tuple(cfg.crop), pad_if_needed=True,
-                           fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX})]
+             crop if cfg.cat_max_ratio >= 1 else CategoryBalancedCrop(crop, cfg.cat_max_ratio)]
     if cfg.flip:
         steps.append(v2.RandomHorizontalFlip())
+    if cfg.photometric:
+        steps.append(photometric_distortion())
     return v2.Compose(steps + _to_float(cfg))
+
+
+class CategoryBalancedCrop:
+    """mmseg's RandomCrop(cat_max_ratio): redraw `crop` (up to `tries` times) while one class covers
+    `cat_max_ratio` or more of the crop's labelled pixels, or it holds fewer than two classes."""
+
+    def __init__(self, crop, cat_max_ratio: float, tries: int = 10):
+        self.crop, self.cat_max_ratio, self.tries = crop, cat_max_ratio, tries
+
+    def __call__(self, image, mask):
+        for _ in range(self.tries):
+            image_crop, mask_crop = self.crop(image, mask)
+            counts = torch.bincount(mask_crop[mask_crop != IGNORE_INDEX].flatten())
+            counts = counts[counts > 0]
+            if len(counts) > 1 and counts.max() < self.cat_max_ratio * counts.sum():
+                break
+        return image_crop, mask_crop
+
+
+def photometric_distortion() -> v2.Compose:
+    """mmseg's PhotoMetricDistortion from torchvision's ColorJitter: brightness, contrast, saturation
+    and hue, each with probability 1/2, on the uint8 image (masks pass through). Differences: the
+    order is fixed (mmseg puts contrast after hue half the time) and brightness is a factor of
+    0.875-1.125 (mmseg adds -32..32). Hue 0.1 of the circle is mmseg's hue_delta 18 on OpenCV's
+    0-180 scale. (torchvision's RandomPhotometricDistort also permutes channels; mmseg does not.)"""
+    jitters = [("brightness", (0.875, 1.125)), ("contrast", (0.5, 1.5)), ("saturation", (0.5, 1.5)), ("hue", 0.1)]
+    return v2.Compose([v2.RandomApply([v2.ColorJitter(**{name: value})], p=0.5) for name, value in jitters])
 
 
 def eval_transforms(cfg: DataConfig) -> v2.Compose:
