@@ -110,7 +110,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict | None:
                 f"batch {cfg.train.batch_size} x {cfg.train.grad_accum} accum x {accelerator.num_processes} "
                 f"processes = {effective} on {accelerator.device} (lr {cfg.optim.lr:g} as given, not "
                 f"scaled with the batch), run dir {run_dir}")
-    batches = endless_batches(accelerator, loader, start * cfg.train.grad_accum)
+    batches = endless_batches(accelerator, loader, start * cfg.train.grad_accum, sampler)
     log = report.MetricsLog(run_dir / "metrics.jsonl", accelerator.is_main_process)
     log.restart(start if checkpoint else None, final_step=cfg.train.steps)
     stop = StopSignal()
@@ -191,13 +191,15 @@ def check_finite_state(accelerator: Accelerator, model: torch.nn.Module, run_dir
                             f"train.mixed_precision")
 
 
-def endless_batches(accelerator: Accelerator, loader, start_batch: int):
+def endless_batches(accelerator: Accelerator, loader, start_batch: int, sampler: EpochSampler):
     """Batches across epochs, starting `start_batch` batches in (resume continues the data order)."""
     epoch, skip = divmod(start_batch, len(loader))
     while True:
         epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
-        # accelerate's loaders re-seed the sampler from their own epoch counter on each __iter__
+        # accelerate's loaders re-seed the sampler from their own epoch counter on each __iter__, but
+        # skip_first_batches' loader does not reach a sharded (multi-process) one: set it directly too
         epoch_loader.set_epoch(epoch)
+        sampler.set_epoch(epoch)
         yield from epoch_loader
         epoch, skip = epoch + 1, 0
 

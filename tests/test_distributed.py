@@ -215,3 +215,34 @@ def test_non_finite_loss_on_one_process_stops_all_without_hanging(tmp_path):
     # Both ranks see the all-reduced loss, so both report the same step and exit.
     assert proc.stderr.count("loss is nan at step 2") == 2, proc.stderr[-2000:]
     assert not list((tmp_path / "run").glob("checkpoint-*"))
+
+
+def test_resume_mid_epoch_continues_the_data_order_on_a_sharded_loader():
+    # Rank 0 of two processes (accelerate's BatchSamplerShard), 8 images, batch 2: 2 batches an
+    # epoch. A resume at any batch must yield what an uninterrupted run yields from there, also in
+    # epochs >= 1, where skip_first_batches' loader once kept the sampler at epoch 0.
+    from types import SimpleNamespace
+
+    from accelerate.data_loader import prepare_data_loader, skip_first_batches
+    from torch.utils.data import DataLoader, Dataset
+
+    from esskit.data.transforms import EpochSampler
+    from esskit.engine import endless_batches
+
+    class Ids(Dataset):
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            return i  # the sampler's index: epoch * 8 + image
+
+    def batches(start: int, count: int) -> list[list[int]]:
+        sampler = EpochSampler(8, seed=0)
+        loader = prepare_data_loader(DataLoader(Ids(), 2, sampler=sampler, drop_last=True), num_processes=2,
+                                     process_index=0, put_on_device=False)
+        it = endless_batches(SimpleNamespace(skip_first_batches=skip_first_batches), loader, start, sampler)
+        return [next(it).tolist() for _ in range(count)]
+
+    straight = batches(0, 6)
+    for start in range(1, 6):
+        assert batches(start, 6 - start) == straight[start:], start
