@@ -311,6 +311,12 @@ def _coerce(where: str, value, annotation):
         return float(value)
     if not isinstance(value, annotation) or (annotation is not bool and isinstance(value, bool)):
         raise ConfigError(f"{where} = {value!r} must be of type {annotation.__name__}")
+    if annotation is str and not value.isascii():  # argv bytes that are not UTF-8 arrive as lone surrogates
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ConfigError(f"{where} = {value!r} is not UTF-8 text: the run's config.toml (TOML is UTF-8) "
+                              f"could not record it") from None
     return value
 
 

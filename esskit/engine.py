@@ -87,8 +87,6 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict | None:
     if len(train_set) < cfg.train.batch_size * accelerator.num_processes:
         raise ConfigError(f"train.batch_size = {cfg.train.batch_size} is larger than the training set "
                           f"({len(train_set)} images)")
-    if accelerator.is_main_process:  # now that the recipe's model and data load: a refused run leaves the old one
-        save_config(cfg, run_dir / "config.toml")
     sampler = EpochSampler(len(train_set), cfg.train.seed)
     loader = DataLoader(train_set, cfg.train.batch_size, sampler=sampler, drop_last=True,
                         num_workers=cfg.data.num_workers, pin_memory=accelerator.device.type == "cuda",
@@ -105,6 +103,8 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict | None:
             raise damaged(checkpoint, e) from None
         resume_schedule(optimizer, scheduler, cfg)
         report.info(accelerator, f"resumed from {checkpoint} at step {start}")
+    if accelerator.is_main_process:  # now that model, data and checkpoint load: a refused run leaves the old one
+        save_config(cfg, run_dir / "config.toml")
     effective = cfg.train.batch_size * cfg.train.grad_accum * accelerator.num_processes
     report.info(accelerator, f"{cfg.method.name} {cfg.model.backbone} C={cfg.data.num_classes}, "
                 f"batch {cfg.train.batch_size} x {cfg.train.grad_accum} accum x {accelerator.num_processes} "
@@ -252,6 +252,11 @@ def finish_eval(accelerator: Accelerator, run_dir: Path, cfg: Config, result: di
         report.metrics_table(result, title=f"{cfg.method.name} · {cfg.data.name} · step {step}")
 
 
+# Keys that fix where a checkpoint stands in the data order: a resume skips step x grad_accum batches
+# of batch_size images of this training set, shuffled by the seed
+ORDER_KEYS = ("train.seed", "train.batch_size", "train.grad_accum", "data.name", "data.train_split",
+              "data.synthetic_train_size")
+
 # Keys that change what a checkpoint's outputs mean without changing its weights' shapes
 MEANING_KEYS = ("method.normalize", "method.variant", "data.mean", "data.std")
 
@@ -286,9 +291,15 @@ def prepare_run_dir(run_dir: Path, cfg: Config, resume: bool, is_main: bool) -> 
         if not saved.is_file():
             raise ConfigError(f"--resume {run_dir}: no config.toml there; pass a run directory written by "
                               f"`esskit train`")
-        diffs = _differences(load_config(saved), cfg, SHAPE_KEYS)
+        trained = load_config(saved)
+        diffs = _differences(trained, cfg, SHAPE_KEYS)
         if diffs:
             raise ConfigError(f"--resume {run_dir}: the recipe differs from the run in {diffs}")
+        diffs = _differences(trained, cfg, ORDER_KEYS)
+        if diffs:
+            raise ConfigError(f"--resume {run_dir}: the recipe differs from the run in {diffs}, which place the "
+                              f"checkpoint in the data order (step x grad_accum batches of batch_size images, "
+                              f"shuffled by the seed); resume with the run's values, e.g. its {saved}")
         checkpoint = find_checkpoint(run_dir)
         if cfg.train.steps < (at := checkpoint_step(checkpoint)):
             raise ConfigError(f"train.steps = {cfg.train.steps} but {checkpoint} is at step {at}; "

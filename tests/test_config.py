@@ -95,6 +95,15 @@ def test_set_overrides_are_typed_by_field(tmp_path):
     assert load_config(None, ["data.num_classes=150", "method.k=10"]).data.num_classes == 150
 
 
+@pytest.mark.parametrize("field", ["data.root", "data.class_names_file"])
+def test_string_that_config_toml_cannot_hold_is_refused(field):
+    # A shell argument with a byte that is not UTF-8 ($'\xff') reaches Python as a lone surrogate;
+    # TOML cannot write it, and save_config raised UnicodeEncodeError (a traceback) after the model was built.
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        load_config(None, [f"{field}=/data/caf\udcff"])
+    assert load_config(None, [f"{field}=/data/caf\u00e9"])  # non-ASCII UTF-8 text is fine
+
+
 def test_set_numeric_looking_value_for_string_field_stays_a_string():
     # "typed by the field": a str field given 2017 gets the string "2017", not a type error.
     cfg = load_config(None, ["data.val_split=2017"])

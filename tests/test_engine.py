@@ -103,6 +103,18 @@ def test_resume_refuses_a_different_model(tmp_path):
     assert "data.num_classes (19 -> 21)" in result.output and "Traceback" not in result.output
 
 
+@pytest.mark.parametrize("change", ["train.batch_size=3", "train.seed=1", "train.grad_accum=2"])
+def test_resume_refuses_another_data_position(tmp_path, change):
+    # The checkpoint's step stands for step x grad_accum batches of batch_size images in the seed's
+    # order: with other values the resume would skip or repeat samples of the current epoch.
+    run = tmp_path / "run"
+    assert esskit("train", str(RECIPE), "--out", str(run), overrides=TINY + ["train.stop_after=1"]).exit_code == 0
+    result = esskit("train", str(RECIPE), "--resume", str(run), overrides=TINY + [change])
+    assert result.exit_code == 2, result.output
+    assert change.split("=")[0] in result.output and "Traceback" not in result.output
+    assert not (run / "checkpoint-00000002").exists()
+
+
 def test_existing_run_directory_is_not_overwritten(tmp_path):
     run = tmp_path / "run"
     assert esskit("train", str(RECIPE), "--out", str(run), overrides=TINY + ["train.steps=1"]).exit_code == 0

@@ -249,9 +249,11 @@ def test_damaged_or_renamed_checkpoints(tmp_path):
     assert esskit("evaluate", str(RECIPE), "--checkpoint", str(run), overrides=TINY).exit_code == 0
     weights = newest / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
+    saved = (run / "config.toml").read_text()
     for command in (["evaluate", str(RECIPE), "--checkpoint", str(run)], ["train", str(RECIPE), "--resume", str(run)]):
         one_line_error(esskit(*command, overrides=TINY + ["train.steps=3"]), f"checkpoint {newest} is damaged",
                        f"move it aside to use {run / 'checkpoint-00000001'}")
+    assert (run / "config.toml").read_text() == saved  # the refused resume (train.steps = 3) left the run's recipe
     (run / "checkpoint-00000001" / "trainer_state.json").write_text('{"step": ')
     one_line_error(esskit("evaluate", str(RECIPE), "--checkpoint", str(run / "checkpoint-00000001"), overrides=TINY),
                    "is damaged (trainer_state.json: Expecting value", "no older checkpoint")
