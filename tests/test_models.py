@@ -184,6 +184,11 @@ def test_pretrained_without_network_fails_fast(monkeypatch, tmp_path):
     assert time.monotonic() - start < 20
 
 
+def test_pretrained_backbone_without_weights_says_so():
+    with pytest.raises(ModelError, match=r"model.pretrained: timm has no pretrained weights for 'mobilenetv2_075'"):
+        build_model("mobilenetv2_075", C, "ess", pretrained=True)
+
+
 def _near_tie_free(values, gap=1e-4):
     """Pixels whose best and second-best scores differ by more than `gap`."""
     top2 = values.topk(2, dim=1).values
@@ -271,3 +276,10 @@ def test_predict_labels_on_model_output():
         dist = torch.cdist(pix, F.normalize(out["class_embeddings"].double(), dim=1)) ** 2
         ok = _near_tie_free(-dist, 1e-5)
         assert torch.equal(labels.reshape(-1)[ok], dist.argmin(1)[ok])
+
+
+@pytest.mark.parametrize("backbone", ["hrnet_w18_small", "dla34", "vgg11", "ghostnet_100"])
+def test_backbone_that_asserts_output_stride_32_raises_model_error(backbone):
+    # timm refuses dilation in these with a bare `assert output_stride == 32`
+    with pytest.raises(ModelError, match=backbone):
+        build_model(backbone, C, "ess")

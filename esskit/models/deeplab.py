@@ -85,10 +85,16 @@ def create_backbone(name: str, pretrained: bool) -> nn.Module:
             close = difflib.get_close_matches(name, timm.list_models(), n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
             raise ModelError(f"model.backbone = {name!r} is not a timm model{hint}") from None
+        if pretrained and "No pretrained weights" in str(e):
+            raise ModelError(f"model.pretrained: timm has no pretrained weights for {name!r}; set model.pretrained "
+                             f"= false or pick a backbone that has them (timm.list_pretrained())") from None
         raise ModelError(f"model.backbone = {name!r} cannot build a dilated features_only model: {e}") from None
     except TypeError as e:
         raise ModelError(f"model.backbone = {name!r} does not support features_only with "
                          f"output_stride=16 ({e}); use a CNN such as resnet50 or mobilenetv2_100") from None
+    except AssertionError as e:  # timm's `assert output_stride == 32` (hrnet, dla, vgg, dpn, vovnet, ghostnet...)
+        raise ModelError(f"model.backbone = {name!r} does not support a dilated output_stride=16 in timm"
+                         f"{f' ({e})' if str(e) else ''}; use a CNN such as resnet50 or mobilenetv2_100") from None
     except Exception as e:  # download / hub / checkpoint failures
         if not pretrained:
             raise
