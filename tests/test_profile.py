@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 from esskit.cli import app
 from esskit.config import Config, build_config
+from esskit.errors import ConfigError
 from esskit.profile.estimate import MIB, MemoryTracker, block_bytes, estimate_training_peak
 from esskit.profile.report import table6
 from esskit.profile.search import COLUMNS, ProfileSpec, Trial, _note, max_batch_size
@@ -194,7 +195,7 @@ def test_profile_cli_reports_bad_options_in_one_line(tmp_path):
     assert result.exit_code == 2 and "--out" in result.output and "a_file: cannot create" in result.output
     for budget in ("nan", "inf"):
         result = CliRunner().invoke(app, ["profile", "--device", "meta", "--budget-gib", budget, "--out", str(tmp_path)])
-        assert result.exit_code == 2 and "--budget-gib, --max-batch, --batch and --crop must be" in result.output
+        assert result.exit_code == 2 and f"--budget-gib {budget} must be a positive number of GiB" in result.output
     result = CliRunner().invoke(app, ["profile", "--device", "meta", "--backbone", "resnet_nope", "--out",
                                       str(tmp_path / "never")])  # before any table or folder
     assert result.output.startswith("error: model.backbone = 'resnet_nope' is not a timm model")
@@ -205,13 +206,14 @@ def test_profile_cli_reports_bad_options_in_one_line(tmp_path):
 
 
 def test_profile_search_and_notes_at_the_edges():
-    # batch 1 at a 16 px crop: BatchNorm refuses one value per channel, a failed trial, not a crash
+    # batch 1 at a 16 px crop: BatchNorm refuses one value per channel, a failed trial, not a crash;
+    # batch 2 gives it two values, so the search goes on from there
     spec = ProfileSpec(classes=[19], methods=["ess"], backbone="resnet18", crop=(16, 16), max_batch=4)
     from esskit.profile.estimate import Estimator
     from esskit.profile.search import profile_cell
 
     row = profile_cell(spec, Estimator(spec.budget_bytes), "ess", 19, lambda row: None)
-    assert row["max_batch"] == 0 and row["note"].startswith("batch 1 does not run: BatchNorm sees one value")
+    assert row["max_batch"] == 4 and row["note"].startswith("batch 1 does not run: BatchNorm sees one value")
     # --batch equal to --max-batch ran no search: no "limit reached" note
     fits = [Trial(4, True, MIB, MIB)]
     assert _note(ProfileSpec(classes=[19], batch=4, max_batch=4), 4, fits) == ""
@@ -231,9 +233,9 @@ def test_profile_takes_its_grid_from_the_recipes_profile_section(tmp_path):
         ([19, 40], ["ess"], 0.35, 2)
     # --set overrides the section, an option both
     result = CliRunner().invoke(app, ["profile", str(recipe), "--classes", "19", "--set", "profile.methods=['baseline']",
-                                      "--batch", "1", "--out", str(out)])
+                                      "--batch", "1", "--out", str(tmp_path / "other")])
     assert result.exit_code == 0, result.output
-    rows = json.loads((out / "results.json").read_text())["rows"]
+    rows = json.loads((tmp_path / "other" / "results.json").read_text())["rows"]
     assert [(r["method"], r["classes"], r["trials"][0]["batch"]) for r in rows] == [("baseline", 19, 1)]
     result = CliRunner().invoke(app, ["profile", str(recipe), "--set", "profile.methods=['fancy']", "--out", str(out)])
     assert result.exit_code == 2 and "profile.methods = 'fancy' is not one of" in result.output
@@ -377,7 +379,7 @@ def test_profile_saves_each_finished_cell_so_a_cut_short_run_keeps_them(tmp_path
     assert [(r["method"], r["classes"]) for r in payload["rows"]] == [("baseline", 19), ("baseline", 150)]
     assert payload["settings"]["complete"] is False and payload["rows"][1]["max_batch"] >= 1
     assert (out / "figure1.png").is_file() and "baseline" in (out / "table6.md").read_text()
-    whole = _profile_tiny(tmp_path, "--classes", "19", "--methods", "baseline", "--max-batch", "1")
+    whole = _profile_tiny(tmp_path / "whole", "--classes", "19", "--methods", "baseline", "--max-batch", "1")
     assert json.loads((whole / "results.json").read_text())["settings"]["complete"] is True
 
 
@@ -400,3 +402,48 @@ def test_replot_skips_other_folders_and_keeps_old_table6(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "skipped" in result.stdout and "table6.md kept" in result.stdout
     assert (old / "table6.md").read_text() == before
+
+
+def test_search_tries_batch_2_when_batch_1_fails_on_batchnorm():
+    from esskit.profile.search import BATCHNORM_FAILURE
+
+    def try_batch(batch):  # a tiny crop: BatchNorm sees one value per channel at batch 1 only
+        return Trial(batch, False, failure=BATCHNORM_FAILURE) if batch == 1 else Trial(batch, batch <= 6, MIB)
+
+    best, trials = max_batch_size(try_batch, limit=64)
+    assert best == 6 and [t.batch for t in trials][:3] == [1, 2, 4]
+    assert max_batch_size(lambda b: Trial(b, False), limit=64)[1] == [Trial(1, False)]  # out of memory: stop
+
+
+def test_bad_profile_options_name_the_flag_and_value():
+    from esskit.profile import load_base, parse_ints
+
+    for text in ("", ","):
+        with pytest.raises(ConfigError, match="--classes"):
+            load_base(None, [], text)
+        with pytest.raises(ConfigError, match="--classes"):
+            parse_ints(text, "--classes")
+    for kwargs, flag in (({"budget_gib": 0.0}, "--budget-gib 0 "), ({"max_batch": 0}, "--max-batch 0 "),
+                         ({"batch": -1}, "--batch -1 "), ({"crop": (0, 0)}, "--crop 0x0 ")):
+        with pytest.raises(ConfigError) as error:
+            ProfileSpec(classes=[19], **kwargs)
+        assert str(error.value).startswith(flag)
+
+
+def test_repeated_classes_and_methods_run_once():
+    spec = ProfileSpec(classes=[19, 150, 19], methods=["ess", "baseline", "ess"])
+    assert spec.classes == [19, 150] and spec.methods == ["ess", "baseline"]
+
+
+def test_an_out_folder_of_another_grid_is_refused(tmp_path):
+    import json
+
+    from esskit.profile import check_out_dir
+
+    settings = {"backbone": "resnet50", "crop": "512x512", "classes": [19, 150], "methods": ["ess"],
+                "budget_gib": 12.0}
+    (tmp_path / "results.json").write_text(json.dumps({"settings": settings, "rows": []}))
+    check_out_dir(tmp_path, settings)  # the same command again (after an interruption): fine
+    with pytest.raises(ConfigError, match=r"--out .*classes \[19, 150\] here, \[1000\] now"):
+        check_out_dir(tmp_path, {**settings, "classes": [1000]})
+    check_out_dir(tmp_path / "new", settings)  # no results yet

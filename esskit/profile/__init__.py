@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 import platform
 import sys
 import time
@@ -26,9 +27,12 @@ __all__ = ["ProfileSpec", "default_out_dir", "load_base", "run_profile", "spec_f
 
 def parse_ints(text: str, option: str) -> list[int]:
     try:
-        return [int(part) for part in text.split(",") if part.strip()]
+        values = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise ConfigError(f"{option} {text!r} must be comma-separated integers, e.g. 19,150,1284") from None
+        values = []
+    if not values:
+        raise ConfigError(f"{option} {text!r} must be comma-separated integers, e.g. 19,150,1284")
+    return values
 
 
 def parse_crop(text: str) -> tuple[int, int]:
@@ -71,6 +75,25 @@ def default_out_dir(spec: ProfileSpec) -> Path:
     return Path("profiling/results") / f"{spec.backbone}-{crop}-{precision}{batch}-{spec.device}"
 
 
+# settings that make a results folder another experiment (torch, date, wall time do not)
+GRID_KEYS = ("backbone", "crop", "precision", "budget_gib", "classes", "methods", "batch", "source",
+             "max_batch_limit", "embed_dim", "k", "knn_chunk_mib", "loss_chunk_mib", "knn_at", "knn_block", "knn",
+             "loss_kernel")
+
+
+def check_out_dir(out_dir: Path, settings: dict) -> None:
+    """Refuse an --out whose results.json another grid wrote: the first saved cell would replace them."""
+    try:
+        old = json.loads((out_dir / "results.json").read_text())["settings"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    differ = [f"{key} {old[key]} here, {settings[key]} now" for key in GRID_KEYS if key in old
+              and old[key] != settings[key]]
+    if differ:
+        raise ConfigError(f"--out {out_dir} holds the results of another profile ({'; '.join(differ)}); name "
+                          f"another --out, or delete that folder to replace them")
+
+
 def make_backend(spec: ProfileSpec):
     if spec.device == "cuda":
         from esskit.profile.measure import CudaMeasurer
@@ -107,6 +130,7 @@ def run_profile(spec: ProfileSpec, out_dir: Path) -> list[dict]:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(["esskit", *sys.argv[1:]]),
     }
+    check_out_dir(out_dir, settings)
     cells = len(spec.methods) * len(spec.classes)
 
     def save(rows: list[dict]) -> None:

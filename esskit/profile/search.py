@@ -42,8 +42,9 @@ class Trial:
 
 def max_batch_size(try_batch: Callable[[int], Trial], limit: int = 256,
                    on_trial: Callable[[Trial], None] | None = None) -> tuple[int, list[Trial]]:
-    """The largest batch in 1..`limit` whose trial fits (0 when batch 1 does not), assuming that a
-    batch fits whenever a larger one does. Returns it with every trial, in the order run."""
+    """The largest batch in 1..`limit` whose trial fits (0 when neither batch 1 nor, after a BatchNorm
+    failure at batch 1, batch 2 does), assuming that a batch fits whenever a larger one does.
+    Returns it with every trial, in the order run."""
     trials: list[Trial] = []
 
     def fits(batch: int) -> bool:
@@ -53,9 +54,14 @@ def max_batch_size(try_batch: Callable[[int], Trial], limit: int = 256,
             on_trial(trial)
         return trial.fits
 
-    if limit < 1 or not fits(1):
+    if limit < 1:
         return 0, trials
     good, bad = 1, None
+    if not fits(1):
+        # BatchNorm cannot train on one value per channel: batch 1 fails where batch 2 may run.
+        if trials[-1].failure != BATCHNORM_FAILURE or limit < 2 or not fits(2):
+            return 0, trials
+        good = 2
     while bad is None:
         if good >= limit:
             return good, trials
@@ -100,9 +106,16 @@ class ProfileSpec:
             raise ConfigError(f"--device {self.device!r} is not one of {', '.join(PROFILE_DEVICES)}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"--mixed-precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
-        if not math.isfinite(self.budget_gib) or self.budget_gib <= 0 or self.max_batch < 1 or min(self.crop) < 1 \
-                or self.batch < 0:
-            raise ConfigError("--budget-gib, --max-batch, --batch and --crop must be positive")
+        self.classes = list(dict.fromkeys(self.classes))  # a repeated C or method would run its cells twice
+        self.methods = list(dict.fromkeys(self.methods))
+        if not math.isfinite(self.budget_gib) or self.budget_gib <= 0:
+            raise ConfigError(f"--budget-gib {self.budget_gib:g} must be a positive number of GiB, e.g. 12")
+        if self.max_batch < 1:
+            raise ConfigError(f"--max-batch {self.max_batch} must be at least 1, e.g. 256")
+        if self.batch < 0:
+            raise ConfigError(f"--batch {self.batch} must be 0 (search the max batch) or a batch size >= 1")
+        if min(self.crop) < 1:
+            raise ConfigError(f"--crop {self.crop[0]}x{self.crop[1]} must be positive, e.g. 512 or 400x800")
 
     @property
     def budget_bytes(self) -> int:
