@@ -97,6 +97,13 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict | None:
     start = 0
     if checkpoint:
         start = checkpoint_step(checkpoint)
+        # each process saves its RNG state: their number is the process count that wrote the checkpoint
+        writers = len(list(checkpoint.glob("random_states_*.pkl")))
+        if writers and writers != accelerator.num_processes:
+            raise ConfigError(f"--resume {run_dir}: {checkpoint.name} was written by {writers} processes and this run "
+                              f"has {accelerator.num_processes}; the effective batch and each process's place in "
+                              f"the data order depend on it: launch {writers} (accelerate launch --num_processes "
+                              f"{writers})")
         try:
             accelerator.load_state(str(checkpoint))
         except (OSError, SafetensorError, RuntimeError, EOFError, pickle.UnpicklingError) as e:  # truncated files

@@ -115,6 +115,19 @@ def test_resume_refuses_another_data_position(tmp_path, change):
     assert not (run / "checkpoint-00000002").exists()
 
 
+def test_resume_refuses_another_process_count(tmp_path):
+    # a checkpoint holds one random_states_N.pkl per process that wrote it; resuming a 2-process
+    # checkpoint in one process would halve the effective batch and shift the data order
+    run = tmp_path / "run"
+    assert esskit("train", str(RECIPE), "--out", str(run), overrides=TINY + ["train.stop_after=1"]).exit_code == 0
+    states = run / "checkpoint-00000001"
+    (states / "random_states_1.pkl").write_bytes((states / "random_states_0.pkl").read_bytes())
+    result = esskit("train", str(RECIPE), "--resume", str(run), overrides=TINY)
+    assert result.exit_code == 2, result.output
+    assert "written by 2 processes and this run has 1" in result.output and "--num_processes 2" in result.output
+    assert not (run / "checkpoint-00000002").exists()
+
+
 def test_existing_run_directory_is_not_overwritten(tmp_path):
     run = tmp_path / "run"
     assert esskit("train", str(RECIPE), "--out", str(run), overrides=TINY + ["train.steps=1"]).exit_code == 0
