@@ -87,6 +87,13 @@ class MethodConfig:
         if self.variant == "essnet" and (self.knn_at != "label" or self.knn_block > 1):
             raise ConfigError("method.knn_at / method.knn_block apply to variant 'paper'; variant 'essnet' "
                               "searches per label pixel like the official code")
+        if self.negatives == "random" and (self.knn_at != "label" or self.knn_block > 1):
+            raise ConfigError("method.knn_at / method.knn_block share the nearest-negative search; "
+                              "method.negatives = 'random' searches nothing: drop them or use 'nearest'")
+        # ess_full has no essnet form: its loss (Eq. 5, tau) and head would be the paper's, silently
+        if self.name == "ess_full" and self.variant == "essnet":
+            raise ConfigError("method.variant = 'essnet' would be ignored by method.name = 'ess_full' (the "
+                              "exact softmax, logits -|x-mu|^2/tau, paper head); set method.variant = 'paper'")
         # essnet_loss hard-codes nearest negatives, unit embeddings and logits -20*|x-mu| (no tau);
         # only name "ess" runs it (ess_full uses tau and normalize).
         if self.name == "ess" and self.variant == "essnet":

@@ -312,8 +312,20 @@ def test_essnet_refuses_settings_it_ignores(override, needle):
     assert "\n" not in str(err.value)
     load_config(None, ["method.variant=paper", override])  # the paper variant uses them
     # ess_full (exact softmax) uses tau and normalize whatever the variant; baseline uses none of them
-    assert load_config(None, ["method.variant=essnet", "method.name=ess_full", "method.tau=0.1"]).method.tau == 0.1
+    assert load_config(None, ["method.name=ess_full", "method.tau=0.1"]).method.tau == 0.1
     assert load_config(None, ["method.variant=essnet", "method.tau=0.05"]).method.variant == "essnet"
+
+
+@pytest.mark.parametrize("sets, needle", [
+    (["method.name=ess_full", "method.variant=essnet"], r"variant = 'essnet' would be ignored by method\.name = 'ess_full'"),
+    (["method.negatives=random", "method.knn_block=2"], r"negatives = 'random' searches nothing"),
+    (["method.negatives=random", "method.knn_at=feature"], r"negatives = 'random' searches nothing"),
+])
+def test_keys_another_setting_ignores_are_refused(sets, needle):
+    with pytest.raises(ConfigError, match=needle):
+        load_config(None, sets)
+    load_config(None, ["method.name=ess_full", "method.negatives=random"])  # each alone is accepted
+    load_config(None, ["method.knn_block=2"])
 
 
 def test_hf_void_value_inside_the_class_range_is_refused():
