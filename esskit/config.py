@@ -87,13 +87,6 @@ class MethodConfig:
         if self.variant == "essnet" and (self.knn_at != "label" or self.knn_block > 1):
             raise ConfigError("method.knn_at / method.knn_block apply to variant 'paper'; variant 'essnet' "
                               "searches per label pixel like the official code")
-        if self.negatives == "random" and (self.knn_at != "label" or self.knn_block > 1):
-            raise ConfigError("method.knn_at / method.knn_block share the nearest-negative search; "
-                              "method.negatives = 'random' searches nothing: drop them or use 'nearest'")
-        # ess_full has no essnet form: its loss (Eq. 5, tau) and head would be the paper's, silently
-        if self.name == "ess_full" and self.variant == "essnet":
-            raise ConfigError("method.variant = 'essnet' would be ignored by method.name = 'ess_full' (the "
-                              "exact softmax, logits -|x-mu|^2/tau, paper head); set method.variant = 'paper'")
         # essnet_loss hard-codes nearest negatives, unit embeddings and logits -20*|x-mu| (no tau);
         # only name "ess" runs it (ess_full uses tau and normalize).
         if self.name == "ess" and self.variant == "essnet":
@@ -107,6 +100,17 @@ class MethodConfig:
                                   f"negatives, normalised embeddings, logits -20*|x-mu|, the torch loss); drop the key(s) or "
                                   f"set method.variant = 'paper'")
 
+
+    def check_training(self) -> None:
+        """Settings another one would silently ignore in training. Checked when a run trains, not on
+        every load, so the config.toml of a run trained before these checks still evaluates."""
+        if self.negatives == "random" and (self.knn_at != "label" or self.knn_block > 1):
+            raise ConfigError("method.knn_at / method.knn_block share the nearest-negative search; "
+                              "method.negatives = 'random' searches nothing: drop them or use 'nearest'")
+        # ess_full has no essnet form: its loss (Eq. 5, tau) and head would be the paper's, silently
+        if self.name == "ess_full" and self.variant == "essnet":
+            raise ConfigError("method.variant = 'essnet' would be ignored by method.name = 'ess_full' (the "
+                              "exact softmax, logits -|x-mu|^2/tau, paper head); set method.variant = 'paper'")
 
 @dataclass(kw_only=True)
 class DataConfig:

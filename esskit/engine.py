@@ -74,6 +74,7 @@ def build_split(cfg: Config, key: str, train: bool) -> Dataset:
 def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict | None:
     """Train `cfg` into `run_dir` (continuing its newest checkpoint when `resume`); returns the
     final evaluation, or None when stopped early by a signal or `train.stop_after`."""
+    cfg.method.check_training()
     accelerator = make_accelerator(cfg)
     checkpoint = prepare_run_dir(run_dir, cfg, resume, accelerator.is_main_process)
     set_seed(cfg.train.seed)
@@ -265,7 +266,7 @@ ORDER_KEYS = ("train.seed", "train.batch_size", "train.grad_accum", "data.name",
               "data.synthetic_train_size")
 
 # Keys that change what a checkpoint's outputs mean without changing its weights' shapes
-MEANING_KEYS = ("method.normalize", "method.variant", "data.mean", "data.std")
+MEANING_KEYS = ("method.name", "method.normalize", "method.variant", "data.mean", "data.std")
 
 
 def evaluate_checkpoint(cfg: Config, checkpoint_path: Path) -> dict:

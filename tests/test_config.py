@@ -321,11 +321,12 @@ def test_essnet_refuses_settings_it_ignores(override, needle):
     (["method.negatives=random", "method.knn_block=2"], r"negatives = 'random' searches nothing"),
     (["method.negatives=random", "method.knn_at=feature"], r"negatives = 'random' searches nothing"),
 ])
-def test_keys_another_setting_ignores_are_refused(sets, needle):
+def test_keys_another_setting_ignores_are_refused_for_training(sets, needle):
+    cfg = load_config(None, sets)  # loads: the config.toml of a run trained before the check still evaluates
     with pytest.raises(ConfigError, match=needle):
-        load_config(None, sets)
-    load_config(None, ["method.name=ess_full", "method.negatives=random"])  # each alone is accepted
-    load_config(None, ["method.knn_block=2"])
+        cfg.method.check_training()
+    load_config(None, ["method.name=ess_full", "method.negatives=random"]).method.check_training()  # each alone
+    load_config(None, ["method.knn_block=2"]).method.check_training()
 
 
 def test_hf_void_value_inside_the_class_range_is_refused():

@@ -481,3 +481,31 @@ def test_hf_16bit_grey_images_are_scaled_not_clipped(tmp_path):
         features=datasets.Features({"image": datasets.Image(), "label": datasets.Image()}))
     image, _ = HFSegmentation(table, data_cfg(name="hf", root="x", num_classes=3), "train")[0]
     assert torch.equal(image, read_image(tmp_path / "g.png"))  # as the file loaders read it (/257)
+
+
+def test_mat_masks_cut_inside_the_header_are_data_errors(tmp_path):
+    """A .mat cut short within its 128-byte header makes scipy raise IndexError / TypeError."""
+    from scipy.io import savemat
+
+    from esskit.data import cocostuff, voc
+
+    savemat(tmp_path / "full.mat", {"S": np.ones((4, 5), np.uint8)})
+    for size in (20, 100, 127):
+        (tmp_path / "cut.mat").write_bytes((tmp_path / "full.mat").read_bytes()[:size])
+        for read in (cocostuff.read_labels, voc.read_labels):
+            with pytest.raises(DataError, match="cut.mat"):
+                read(str(tmp_path / "cut.mat"))
+
+
+def test_hf_8bit_grey_images_held_as_32bit_are_not_darkened():
+    """`datasets` stores an integer grey array (int64, numpy's default) as a 32-bit "I" image."""
+    datasets = pytest.importorskip("datasets")
+    from esskit.data.hf import HFSegmentation
+
+    grey = (np.arange(20).reshape(4, 5) * 12).astype(np.int64)
+    table = datasets.Dataset.from_dict(
+        {"image": [grey], "label": [Image.fromarray(np.ones((4, 5), np.uint8))]},
+        features=datasets.Features({"image": datasets.Image(), "label": datasets.Image()}))
+    assert table[0]["image"].mode == "I"
+    image, _ = HFSegmentation(table, data_cfg(name="hf", root="x", num_classes=3), "train")[0]
+    assert torch.equal(image, torch.from_numpy(np.repeat(grey[None], 3, axis=0)).to(torch.uint8))

@@ -186,9 +186,20 @@ def test_refused_resume_keeps_config_and_evaluate_checks_what_the_weights_mean(t
     # the checkpoint was trained on raw vectors: evaluating it as a normalised model is refused
     one_line_error(esskit("evaluate", str(RECIPE), "--checkpoint", str(run), overrides=TINY),
                    "method.normalize (False -> True)", "evaluate with that recipe")
+    # another method (ess_full with essnet would drop the head's stride-4 normalisation) is refused too
+    one_line_error(esskit("evaluate", str(RECIPE), "--checkpoint", str(run),
+                          overrides=TINY + ["method.normalize=false", "method.name=ess_full"]),
+                   "method.name ('ess' -> 'ess_full')", "evaluate with that recipe")
     result = esskit("evaluate", str(RECIPE), "--checkpoint", str(run), overrides=TINY + ["method.normalize=false"])
     assert result.exit_code == 0, result.output
     assert records(run) == logged  # evaluate writes eval.json, not the training log
+    # settings training refuses as ignored, in a run trained before that check: still evaluated
+    old = (run / "config.toml").read_text().replace('negatives = "nearest"', 'negatives = "random"')
+    (run / "config.toml").write_text(old.replace("knn_block = 1", "knn_block = 2"))
+    result = esskit("evaluate", str(run / "config.toml"), "--checkpoint", str(run))
+    assert result.exit_code == 0, result.output
+    one_line_error(train(run, "method.normalize=false", "method.negatives=random", "method.knn_block=2",
+                         "train.steps=6", resume=True), "negatives = 'random' searches nothing")
 
 
 def test_errors_raised_in_dataloader_workers_stay_one_line(capsys):

@@ -213,7 +213,10 @@ def test_profile_search_and_notes_at_the_edges():
     from esskit.profile.search import profile_cell
 
     row = profile_cell(spec, Estimator(spec.budget_bytes), "ess", 19, lambda row: None)
-    assert row["max_batch"] == 4 and row["note"].startswith("batch 1 does not run: BatchNorm sees one value")
+    # batch 1's failure is no limit of a max batch of 4: the note says the search limit capped it
+    assert row["max_batch"] == 4 and row["note"] == "search limit --max-batch 4 reached"
+    failed = [Trial(1, False, failure="BatchNorm sees one value per channel (use a larger --crop)")]
+    assert _note(spec, 0, failed).startswith("batch 1 does not run: BatchNorm sees one value")
     # --batch equal to --max-batch ran no search: no "limit reached" note
     fits = [Trial(4, True, MIB, MIB)]
     assert _note(ProfileSpec(classes=[19], batch=4, max_batch=4), 4, fits) == ""

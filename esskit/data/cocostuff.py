@@ -47,11 +47,11 @@ NUM_CLASSES = len(CLASS_NAMES)
 
 def read_labels(path: str) -> np.ndarray:
     from scipy.io import loadmat
-    from scipy.io.matlab import MatReadError  # empty or truncated file: not an OSError/ValueError
+    from scipy.io.matlab import MatReadError  # empty or truncated file (a cut header: IndexError, TypeError)
 
     try:
         return np.asarray(loadmat(path)["S"]).astype(np.int64)
-    except (OSError, ValueError, KeyError, NotImplementedError, MatReadError) as e:
+    except (OSError, ValueError, KeyError, NotImplementedError, MatReadError, IndexError, TypeError) as e:
         raise DataError(f"cannot read COCO-Stuff10k mask {path} (expected a .mat with label array S): "
                         f"{e}") from None
 

@@ -43,7 +43,11 @@ def read_image(path: str | Path, upright: bool = False) -> torch.Tensor:
 def rgb_from_pil(image: Image.Image) -> np.ndarray:
     """uint8 [H, W, 3] of a PIL image; 16-bit greyscale is scaled to 8 bits."""
     if image.mode in _WIDE_GREY:  # PIL's convert("RGB") would clip every value above 255
-        grey = (np.asarray(image).astype(np.float64).clip(0, 65535) / 257).round().astype(np.uint8)
+        values = np.asarray(image).astype(np.float64)
+        # 32-bit "I" also holds 8-bit grey (datasets stores integer arrays so): scale only 16-bit values
+        if image.mode == "I" and values.size and 0 <= values.min() and values.max() <= 255:
+            return np.repeat(values.astype(np.uint8)[..., None], 3, axis=-1)
+        grey = (values.clip(0, 65535) / 257).round().astype(np.uint8)
         return np.repeat(grey[..., None], 3, axis=-1)
     return np.asarray(image.convert("RGB"))
 

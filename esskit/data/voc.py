@@ -34,12 +34,12 @@ def read_labels(path: str) -> np.ndarray:
     if not path.endswith(".mat"):
         return read_mask(path)
     from scipy.io import loadmat
-    from scipy.io.matlab import MatReadError  # empty or truncated file: not an OSError/ValueError
+    from scipy.io.matlab import MatReadError  # empty or truncated file (a cut header: IndexError, TypeError)
 
     try:
         gt = loadmat(path, squeeze_me=True, struct_as_record=False)["GTcls"]
         return np.asarray(gt.Segmentation).astype(np.int64)
-    except (OSError, ValueError, KeyError, AttributeError, MatReadError) as e:
+    except (OSError, ValueError, KeyError, AttributeError, MatReadError, IndexError, TypeError) as e:
         raise DataError(f"cannot read SBD mask {path} (expected struct GTcls with field Segmentation): "
                         f"{e}") from None
 

@@ -197,8 +197,10 @@ def profile_cell(spec: ProfileSpec, backend: Backend, method: str, num_classes: 
 
 
 def _note(spec: ProfileSpec, best: int, trials: list[Trial]) -> str:
-    failed = next((t for t in trials if t.failure), None)
-    if failed is not None:  # the search treats it as "too big"; say so, it is not a memory limit
+    # the search treats it as "too big"; say so, it is not a memory limit (unless a larger batch ran:
+    # batch 1's BatchNorm failure when batch 2 fits)
+    failed = next((t for t in trials if t.failure and t.batch > best), None)
+    if failed is not None:
         return f"batch {failed.batch} does not run: {failed.failure}"
     if spec.batch and best == 0:
         needed = trials[0].peak_bytes
