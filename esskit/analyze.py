@@ -123,7 +123,7 @@ def pixel_embedding_samples(run: Run, num_images: int) -> list[dict]:
         emb = F.normalize(upsample(output["embeddings"].float(), target.shape), dim=1)[0]
         samples.append({"image": (image * std + mean).clamp(0, 1).permute(1, 2, 0).numpy(),
                         "target": target.numpy(),
-                        "pred": predict_labels(output, target.shape, cfg.method.knn_chunk_mib * 2**20)[0].cpu().numpy(),
+                        "pred": predict_labels(output, target.shape, cfg.method.knn_chunk_bytes)[0].cpu().numpy(),
                         "embeddings": emb.permute(1, 2, 0).cpu().numpy()})
     return samples
 

@@ -100,6 +100,13 @@ class MethodConfig:
                                   f"negatives, normalised embeddings, logits -20*|x-mu|, the torch loss); drop the key(s) or "
                                   f"set method.variant = 'paper'")
 
+    @property
+    def knn_chunk_bytes(self) -> int:
+        return self.knn_chunk_mib * 2**20
+
+    @property
+    def loss_chunk_bytes(self) -> int:
+        return self.loss_chunk_mib * 2**20
 
     def check_training(self) -> None:
         """Settings another one would silently ignore in training. Checked when a run trains, not on
@@ -111,6 +118,7 @@ class MethodConfig:
         if self.name == "ess_full" and self.variant == "essnet":
             raise ConfigError("method.variant = 'essnet' would be ignored by method.name = 'ess_full' (the "
                               "exact softmax, logits -|x-mu|^2/tau, paper head); set method.variant = 'paper'")
+
 
 @dataclass(kw_only=True)
 class DataConfig:

@@ -233,7 +233,7 @@ def evaluate(accelerator: Accelerator, model: torch.nn.Module, cfg: Config, data
         images, target = images.to(accelerator.device), target.to(accelerator.device)
         with accelerator.autocast():
             output = infer(net, images, cfg.eval)
-        metrics.update(predict_labels(output, target.shape[-2:], cfg.method.knn_chunk_mib * 2**20), target)
+        metrics.update(predict_labels(output, target.shape[-2:], cfg.method.knn_chunk_bytes), target)
     metrics.all_reduce()
     # class_pixels: target pixels per class, the frequency that `evaluate --per-class` sorts by (Fig. 6)
     return {**metrics.compute(), "pixels": metrics.num_pixels, "class_pixels": metrics.target_count.tolist()}

@@ -225,7 +225,7 @@ def ess_paper_loss(emb: torch.Tensor, class_emb: torch.Tensor, target: torch.Ten
                                        knn=knn, normalize=cfg.normalize)
     return ess_loss(pixels_last(up), class_emb, target.reshape(-1), cfg.k, cfg.tau, negatives=cfg.negatives,
                     normalize=cfg.normalize, knn=knn, neighbours=neighbours,
-                    chunk_bytes=cfg.loss_chunk_mib * 2**20, dense=dense, kernel=cfg.loss_kernel)
+                    chunk_bytes=cfg.loss_chunk_bytes, dense=dense, kernel=cfg.loss_kernel)
 
 
 def segmentation_loss(output: dict, target: torch.Tensor, cfg: MethodConfig, knn=None) -> tuple[torch.Tensor, dict]:
@@ -237,11 +237,11 @@ def segmentation_loss(output: dict, target: torch.Tensor, cfg: MethodConfig, knn
         # a sum over the kept pixels, as ESS: F.cross_entropy's mean is NaN on an all-ignore batch
         loss = _kept_mean(F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction="sum"), target)
         return loss, {"loss_ce": loss.detach()}
-    knn = knn or knn_backend(cfg.knn, cfg.knn_chunk_mib * 2**20)
+    knn = knn or knn_backend(cfg.knn, cfg.knn_chunk_bytes)
     emb, class_emb = output["embeddings"].float(), output["class_embeddings"]
     if cfg.name == "ess_full":
         cls = ess_full_loss(pixels_last(upsample(emb, size)), class_emb, target.reshape(-1), cfg.tau,
-                            normalize=cfg.normalize, chunk_bytes=cfg.loss_chunk_mib * 2**20, kernel=cfg.loss_kernel)
+                            normalize=cfg.normalize, chunk_bytes=cfg.loss_chunk_bytes, kernel=cfg.loss_kernel)
         parts = {"loss_full": cls.detach()}
     elif cfg.variant == "essnet":  # the head is unit at stride 4 already (unit_at_stride): idempotent here
         emb = upsample(F.normalize(emb, dim=1), size)

@@ -133,7 +133,7 @@ def _predict_batch(run: Run, transform, pending: list, out: Path, overlay: bool)
     batch = batch.to(run.accelerator.device)
     with run.accelerator.autocast():
         output = infer(run.model, batch, run.cfg.eval)  # eval.mode "slide" as `evaluate` runs it
-    labels = predict_labels(output, batch.shape[-2:], run.cfg.method.knn_chunk_mib * 2**20).cpu().numpy()
+    labels = predict_labels(output, batch.shape[-2:], run.cfg.method.knn_chunk_bytes).cpu().numpy()
     return [write_prediction(run, name, img, lab, out, overlay) for (_, name, img), lab in zip(pending, labels)]
 
 

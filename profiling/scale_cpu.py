@@ -53,8 +53,8 @@ def run(method: str, classes: int, out: Path, extra: list[str]) -> dict:
     losses = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     return {"method": method, "classes": classes, "steps": losses[-1]["step"],
             "loss_first": round(losses[0]["loss"], 2), "loss_last": round(losses[-1]["loss"], 2),
-            "s_per_step_last": round(losses[-1]["s_per_step"], 2), "wall_s": round(wall), "max_rss_mib": round(usage.ru_maxrss / 1024),  # Linux: KiB
-            "mIoU": round(miou, 4)}
+            "s_per_step_last": round(losses[-1]["s_per_step"], 2), "wall_s": round(wall),
+            "max_rss_mib": round(usage.ru_maxrss / 1024), "mIoU": round(miou, 4)}  # ru_maxrss: KiB on Linux
 
 
 def table_md(rows: list[dict]) -> str:

@@ -45,9 +45,8 @@ def rgb_from_pil(image: Image.Image) -> np.ndarray:
     if image.mode in _WIDE_GREY:  # PIL's convert("RGB") would clip every value above 255
         values = np.asarray(image).astype(np.float64)
         # 32-bit "I" also holds 8-bit grey (datasets stores integer arrays so): scale only 16-bit values
-        if image.mode == "I" and values.size and 0 <= values.min() and values.max() <= 255:
-            return np.repeat(values.astype(np.uint8)[..., None], 3, axis=-1)
-        grey = (values.clip(0, 65535) / 257).round().astype(np.uint8)
+        eight_bit = image.mode == "I" and values.size and 0 <= values.min() and values.max() <= 255
+        grey = (values if eight_bit else (values.clip(0, 65535) / 257).round()).astype(np.uint8)
         return np.repeat(grey[..., None], 3, axis=-1)
     return np.asarray(image.convert("RGB"))
 

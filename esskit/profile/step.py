@@ -114,7 +114,7 @@ class TimedKnn:
 
     @classmethod
     def for_config(cls, cfg: Config, sync: Callable[[], None] | None = None) -> "TimedKnn":
-        return cls(knn_backend(cfg.method.knn, cfg.method.knn_chunk_mib * 2**20), sync)
+        return cls(knn_backend(cfg.method.knn, cfg.method.knn_chunk_bytes), sync)
 
 
 def training_step(model, optimizer, images: torch.Tensor, target: torch.Tensor, cfg: Config,
@@ -130,4 +130,4 @@ def training_step(model, optimizer, images: torch.Tensor, target: torch.Tensor, 
 @torch.no_grad()
 def inference_step(model, images: torch.Tensor, amp: MixedPrecision, cfg: Config) -> torch.Tensor:
     """Forward and per-pixel labels, as `esskit.engine.evaluate` predicts."""
-    return predict_labels(amp.forward(model, images), images.shape[-2:], cfg.method.knn_chunk_mib * 2**20)
+    return predict_labels(amp.forward(model, images), images.shape[-2:], cfg.method.knn_chunk_bytes)
