@@ -50,21 +50,24 @@ def chunk_ranges(n: int, rows: int, like: torch.Tensor | None = None):
 
 
 def _knn_blocks(queries: torch.Tensor, keys: torch.Tensor, k: int, chunk_bytes: int):
-    num_keys = keys.shape[0]
+    num_keys, num_queries = keys.shape[0], queries.shape[0]
     _check_k(k, num_keys)
     key_sq = keys.pow(2).sum(1)
     rows = max(1, chunk_bytes // (4 * num_keys))
-    dists = queries.new_empty(queries.shape[0], k)
-    idxs = torch.empty(queries.shape[0], k, dtype=torch.int64, device=queries.device)
-    for start, stop in chunk_ranges(queries.shape[0], rows, queries):
-        block = queries[start:stop]
-        # |q|^2 - 2 q.k + |k|^2: one matmul per block, the FAISS IndexFlatL2 formulation
-        d = torch.addmm(key_sq, block, keys.T, alpha=-2).add_(block.pow(2).sum(1, keepdim=True))
+    dists = queries.new_empty(num_queries, k)
+    idxs = torch.empty(num_queries, k, dtype=torch.int64, device=queries.device)
+    # One [rows, C] buffer for every block: a fresh one per block costs the CPU an mmap and page
+    # faults each time, and two blocks were alive while the next was written.
+    buffer = queries.new_empty(min(rows, num_queries), num_keys)
+    for start, stop in chunk_ranges(num_queries, rows, queries):
+        # |k|^2 - 2 q.k: one matmul per block, the FAISS IndexFlatL2 formulation. |q|^2 is the same
+        # for every key of a row, so it is added to the k found below, not to the whole block.
+        block = torch.addmm(key_sq, queries[start:stop], keys.T, alpha=-2, out=buffer[:stop - start])
         if k == 1:  # prediction's nearest class: a plain min (H200: topk is 10x slower than the block's reads)
-            torch.min(d.clamp_min_(0), dim=1, keepdim=True, out=(dists[start:stop], idxs[start:stop]))
+            torch.min(block, dim=1, keepdim=True, out=(dists[start:stop], idxs[start:stop]))
         else:
-            torch.topk(d.clamp_min_(0), k, dim=1, largest=False, sorted=True, out=(dists[start:stop], idxs[start:stop]))
-    return dists, idxs
+            torch.topk(block, k, dim=1, largest=False, sorted=True, out=(dists[start:stop], idxs[start:stop]))
+    return dists.add_(queries.pow(2).sum(1, keepdim=True)).clamp_min_(0), idxs
 
 
 @torch.no_grad()

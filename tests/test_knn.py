@@ -73,6 +73,16 @@ def test_chunk_boundary_rows_are_not_dropped_or_duplicated():
     assert torch.equal(idx[:, 0], torch.arange(10))
 
 
+def test_distances_are_clamped_at_zero_where_rounding_cancels():
+    # |q|^2 - 2 q.k + |k|^2 cancels to a rounding error for q = k (Eq. 7's search of the classes
+    # against themselves); |q|^2 joins after the k-selection, the clamp must still apply to it.
+    keys = torch.randn(64, 12, generator=torch.Generator().manual_seed(3)) * 30
+    dist, idx = knn_exact(keys, keys, 2, chunk_bytes=4 * 64 * 5)
+    assert (dist >= 0).all()
+    assert torch.equal(idx[:, 0], torch.arange(64))
+    assert dist[:, 0].abs().max() < 1e-2 < dist[:, 1].min()
+
+
 @pytest.mark.parametrize("k", [0, -1, 38])
 def test_bad_k_raises_config_error(k):
     q, keys = _data()
