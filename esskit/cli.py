@@ -151,7 +151,8 @@ def profile(recipe: Annotated[Optional[Path], typer.Argument(help="Optional reci
             budget_gib: option_or_none(float, "GPU memory budget in GiB (default: profile.budget_gib, 12: "
                                               "the paper's 12 GB card)") = None,
             mixed_precision: option_or_none(str, "no, fp16 or bf16 (default: the recipe's, else no)") = None,
-            device: option_or_none(str, "cuda: measure on the GPU; meta: estimate on the CPU (default: "
+            device: option_or_none(str, "cuda: measure on the GPU; meta: estimate on the CPU; cpu: the "
+                                        "estimate, with step and kNN times measured on the CPU (default: "
                                         "profile.device, else cuda when available)") = None,
             max_batch: option_or_none(int, "Largest batch size the search tries (default: profile.max_batch, "
                                            "256)") = None,

@@ -18,7 +18,7 @@ from esskit.errors import ConfigError
 from esskit.files import write_atomic
 
 METHODS = ("baseline", "ess", "ess_full")  # method.name, and what esskit profile compares
-PROFILE_DEVICES = ("meta", "cuda")  # esskit profile: estimate on the CPU or measure on the GPU
+PROFILE_DEVICES = ("meta", "cuda", "cpu")  # esskit profile: estimate; measure on the GPU; estimate + CPU times
 # SyntheticSegmentation's smallest image side (esskit/data/synthetic.py checks it too)
 SYNTHETIC_MIN_IMAGE_SIZE = 8
 
@@ -276,7 +276,7 @@ class ProfileConfig:
     budget_gib: float = 12.0  # memory budget (the paper's 12 GB card)
     max_batch: int = 256  # the largest batch the max-batch search tries
     batch: int = 0  # > 0: no search, peak memory and times at this batch for every method
-    device: str = ""  # "cuda" (measure), "meta" (estimate on the CPU); "": cuda when available
+    device: str = ""  # "cuda" (measure), "meta" (estimate), "cpu" (estimate, times on the CPU); "": cuda if any
 
     def __post_init__(self):
         if not self.classes or min(self.classes) < 2:

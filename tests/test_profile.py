@@ -288,7 +288,7 @@ def test_cuda_measurer_control_flow_without_a_gpu(monkeypatch):
     cfg = cell_config(Config(), method="ess", num_classes=19, backbone="resnet18", crop=(64, 64), precision="no")
     assert measurer.try_batch(cfg, 6) == Trial(6, True, 3 * MIB, 2 * MIB)
     assert measurer.try_batch(cfg, 7) == Trial(7, False, None, None)
-    assert measurer._training(cfg)[0].weight.grad is None  # the failed trial's gradients are gone
+    assert measurer.timer.training(cfg)[0].weight.grad is None  # the failed trial's gradients are gone
     too_large = measurer.try_batch(cfg, 100)
     assert not too_large.fits and "invalid argument" in too_large.failure
     spec = ProfileSpec(classes=[19], batch=100)
@@ -342,6 +342,30 @@ def test_profile_cli_fixed_batch_skips_the_search(tmp_path):
     assert big["note"].startswith("batch 3 does not fit in 0.35 GiB (needs ") and big["peak_mib"] is None
     assert not (out / "figure1.png").exists() and not (out / "table6.md").exists()
     assert "training at batch 3" in (out / "table7.md").read_text()
+
+
+def test_profile_cli_cpu_times_the_estimates_batch(tmp_path):
+    """--device cpu: max batch and peaks are the estimate's, times are real CPU steps at that batch
+    (the kNN share on a machine without a GPU)."""
+    options = ["--backbone", "resnet18", "--crop", "64", "--budget-gib", "0.35", "--classes", "19,150",
+               "--methods", "baseline,ess", "--max-batch", "2"]
+    for device in ("meta", "cpu"):
+        result = CliRunner().invoke(app, ["profile", "--device", device, *options, "--out", str(tmp_path / device)])
+        assert result.exit_code == 0, result.output
+    estimated, timed = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("meta", "cpu"))
+    assert timed["settings"]["source"] == "estimated + CPU times" and "torch thread" in timed["settings"]["device_name"]
+    for est, row in zip(estimated["rows"], timed["rows"]):
+        assert (row["method"], row["classes"]) == (est["method"], est["classes"])
+        assert (row["max_batch"], row["peak_mib"], row["peak_allocated_mib"]) == (
+            est["max_batch"], est["peak_mib"], est["peak_allocated_mib"]) and row["max_batch"] == 2
+        assert est["train_s_per_iter"] is None and row["train_s_per_iter"] > 0 and row["infer_s_per_img"] > 0
+        assert row["train_s_per_img"] == pytest.approx(row["train_s_per_iter"] / 2, abs=1e-4)
+        if row["method"] == "ess":
+            assert 0 < row["knn_s_per_iter"] < row["train_s_per_iter"] and 0 < row["knn_share"] < 1
+        else:
+            assert row["knn_share"] is None
+    table7 = (tmp_path / "cpu" / "table7.md").read_text()
+    assert "estimated + CPU times on" in table7 and "Estimated rows have no times" not in table7
 
 
 def test_timed_knn_adds_up_its_calls_and_leaves_the_loss_unchanged():

@@ -99,6 +99,10 @@ def make_backend(spec: ProfileSpec):
         from esskit.profile.measure import CudaMeasurer
 
         return CudaMeasurer(spec.budget_bytes)
+    if spec.device == "cpu":
+        from esskit.profile.measure import CpuTimer
+
+        return CpuTimer(spec.budget_bytes)
     from esskit.profile.estimate import Estimator
 
     return Estimator(spec.budget_bytes)

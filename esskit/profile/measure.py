@@ -1,4 +1,5 @@
-"""`esskit profile --device cuda`: real training steps on a GPU capped at the memory budget.
+"""`esskit profile --device cuda`: real training steps on a GPU capped at the memory budget
+(and `--device cpu`: the estimate's max batch, timed on the CPU).
 
 `torch.cuda.set_per_process_memory_fraction` makes the caching allocator refuse to reserve more
 than the budget, so a big GPU behaves like the paper's 12 GB card (the CUDA context, ~0.3-0.5 GiB
@@ -10,14 +11,17 @@ an out-of-memory error; peaks are `max_memory_reserved` (what the cap limits) an
 from __future__ import annotations
 
 import gc
+import platform
 import time
+from pathlib import Path
 from statistics import median
+from typing import Callable
 
 import torch
 
 from esskit.config import Config
 from esskit.errors import EsskitError, is_batchnorm_one_value
-from esskit.profile.estimate import estimate_training_peak
+from esskit.profile.estimate import Estimator, estimate_training_peak
 from esskit.profile.search import BATCHNORM_FAILURE, GIB, MIB, Trial
 from esskit.profile.step import (MixedPrecision, TimedKnn, build_training, inference_step, synthetic_batch,
                                  training_step)
@@ -80,6 +84,79 @@ def release_memory(device: torch.device) -> None:
     torch.cuda.reset_peak_memory_stats(device)
 
 
+class StepTimer:
+    """A cell's training-step, kNN and inference times on one device: the trainer's step
+    (`esskit.profile.step`), synchronised on CUDA. Model and optimizer are built once per cell: from
+    a trial's second step on, a fresh model holds what a reused one holds (weights, momentum), so
+    peaks are the same, and building a ResNet50 for each of a cell's ~10 trials was overhead (~0.5 s
+    each on a CPU). `before_build` runs first (the GPU's release of the last cell's memory)."""
+
+    def __init__(self, device: torch.device, before_build: Callable[[], None] = lambda: None):
+        self.device, self.before_build = device, before_build
+        self.built: tuple | None = None  # (cfg, model, optimizer) of the cell being timed
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def training(self, cfg: Config):
+        if self.built is None or self.built[0] != cfg:
+            self.built = None
+            self.before_build()
+            self.built = (cfg, *build_training(cfg, self.device))
+        return self.built[1:]
+
+    def train_steps(self, cfg: Config, batch: int, steps: int, time_knn: bool = False) -> list[tuple[float, float]]:
+        """Run `steps` training steps; the seconds of each, synchronised, and of the kNN searches in
+        it (0 unless `time_knn`: the synchronisation around each search costs a little)."""
+        model, optimizer = self.training(cfg)
+        amp = MixedPrecision(cfg.train.mixed_precision, self.device.type)
+        seconds = []
+        for _ in range(steps):
+            images, target = synthetic_batch(cfg, batch, self.device)
+            knn = TimedKnn.for_config(cfg, self.sync) if time_knn else None
+            self.sync()
+            start = time.perf_counter()
+            training_step(model, optimizer, images, target, cfg, amp, knn)
+            self.sync()
+            seconds.append((time.perf_counter() - start, knn.seconds if knn else 0.0))
+        return seconds
+
+    def times(self, cfg: Config, batch: int, between: Callable[[], None] = lambda: None) -> dict:
+        """Medians at `batch`: s/iter and s/img of training, the kNN's seconds and share of the step
+        (not for the baseline), s/img of inference; `between` runs between the three timed runs."""
+        steps = self.train_steps(cfg, batch, TRAIN_WARMUP + TRAIN_ITERS)[TRAIN_WARMUP:]
+        seconds = median([s for s, _ in steps])
+        row = {"train_s_per_iter": round(seconds, 4), "train_s_per_img": round(seconds / batch, 4)}
+        if cfg.method.name != "baseline":  # separate steps: the timed kNN's syncs stay out of the above
+            between()
+            timed = self.train_steps(cfg, batch, TRAIN_WARMUP + TRAIN_ITERS, time_knn=True)[TRAIN_WARMUP:]
+            row["knn_s_per_iter"] = round(median([k for _, k in timed]), 4)
+            row["knn_share"] = round(row["knn_s_per_iter"] / seconds, 4)
+        between()
+        row["infer_s_per_img"] = round(self.inference_seconds(cfg), 4)
+        return row
+
+    def inference_seconds(self, cfg: Config) -> float:
+        """Median seconds of forward + `predict_labels` on one image of the crop size (eval mode)."""
+        model, _ = self.training(cfg)
+        model.eval()
+        amp = MixedPrecision(cfg.train.mixed_precision, self.device.type)
+        images, _ = synthetic_batch(cfg, 1, self.device)
+        seconds = []
+        try:
+            for i in range(INFER_WARMUP + INFER_ITERS):
+                self.sync()
+                start = time.perf_counter()
+                inference_step(model, images, amp, cfg)
+                self.sync()
+                if i >= INFER_WARMUP:
+                    seconds.append(time.perf_counter() - start)
+        finally:
+            model.train()
+        return median(seconds)
+
+
 class CudaMeasurer:
     source = "measured"
 
@@ -97,31 +174,21 @@ class CudaMeasurer:
         torch.cuda.set_per_process_memory_fraction(budget_bytes / allocator_total, self.device)
         self.budget_bytes = budget_bytes
         self.device_name = f"{name} ({total / GIB:.0f} GiB, capped at {budget_bytes / GIB:g} GiB)"
-        self._built: tuple | None = None  # (cfg, model, optimizer) of the cell being measured
-
-    def _training(self, cfg: Config):
-        """The cell's model and optimizer, built once per cell: from a trial's second step on, a fresh
-        model holds what a reused one holds (weights, momentum), so peaks are the same, and building
-        a ResNet50 for each of a cell's ~10 trials was overhead (~0.5 s each on a CPU)."""
-        if self._built is None or self._built[0] != cfg:
-            self._built = None
-            release_memory(self.device)
-            self._built = (cfg, *build_training(cfg, self.device))
-        return self._built[1:]
+        self.timer = StepTimer(self.device, lambda: release_memory(self.device))
 
     def try_batch(self, cfg: Config, batch: int) -> Trial:
         release_memory(self.device)
         reason = None
         try:
-            self._train_steps(cfg, batch, steps=2)
+            self.timer.train_steps(cfg, batch, steps=2)
         except Exception as error:  # noqa: BLE001 (only out-of-memory and size limits are expected)
             reason = failure_reason(error)
             if reason is None:
                 raise
             # The frames holding the trial's tensors go with the exception; gradients that the
             # failed backward left on the reused model must go too, or they weigh on the next trial.
-            if self._built is not None:
-                self._built[1].zero_grad(set_to_none=True)
+            if self.timer.built is not None:
+                self.timer.built[1].zero_grad(set_to_none=True)
         fits = reason is None
         peak = torch.cuda.max_memory_reserved(self.device)
         peak_allocated = torch.cuda.max_memory_allocated(self.device)
@@ -129,22 +196,6 @@ class CudaMeasurer:
         # After a failure the peaks are those of a partial step: a lower bound, not a result.
         return Trial(batch, fits, peak if fits else None, peak_allocated if fits else None,
                      None if fits or reason == "out of memory" else reason)
-
-    def _train_steps(self, cfg: Config, batch: int, steps: int, time_knn: bool = False) -> list[tuple[float, float]]:
-        """Run `steps` training steps; the seconds of each, synchronised, and of the kNN searches in
-        it (0 unless `time_knn`: the synchronisation around each search costs a little)."""
-        model, optimizer = self._training(cfg)
-        amp = MixedPrecision(cfg.train.mixed_precision, "cuda")
-        seconds = []
-        for _ in range(steps):
-            images, target = synthetic_batch(cfg, batch, self.device)
-            knn = TimedKnn.for_config(cfg, lambda: torch.cuda.synchronize(self.device)) if time_knn else None
-            torch.cuda.synchronize(self.device)
-            start = time.perf_counter()
-            training_step(model, optimizer, images, target, cfg, amp, knn)
-            torch.cuda.synchronize(self.device)
-            seconds.append((time.perf_counter() - start, knn.seconds if knn else 0.0))
-        return seconds
 
     def extra(self, cfg: Config, batch: int, tried: int | None = None) -> dict:
         """Times at `batch` (the max batch or --batch; 0: none ran), and the fake-tensor estimate at
@@ -156,17 +207,7 @@ class CudaMeasurer:
             return row
         release_memory(self.device)
         try:
-            steps = self._train_steps(cfg, batch, TRAIN_WARMUP + TRAIN_ITERS)[TRAIN_WARMUP:]
-            seconds = median([s for s, _ in steps])
-            row["train_s_per_iter"] = round(seconds, 4)
-            row["train_s_per_img"] = round(seconds / batch, 4)
-            if cfg.method.name != "baseline":  # separate steps: the timed kNN's syncs stay out of the above
-                release_memory(self.device)
-                timed = self._train_steps(cfg, batch, TRAIN_WARMUP + TRAIN_ITERS, time_knn=True)[TRAIN_WARMUP:]
-                row["knn_s_per_iter"] = round(median([k for _, k in timed]), 4)
-                row["knn_share"] = round(row["knn_s_per_iter"] / seconds, 4)
-            release_memory(self.device)
-            row["infer_s_per_img"] = round(self._inference_seconds(cfg), 4)
+            row.update(self.timer.times(cfg, batch, lambda: release_memory(self.device)))
         except Exception as error:  # noqa: BLE001
             reason = failure_reason(error)
             if reason is None:
@@ -177,22 +218,30 @@ class CudaMeasurer:
         release_memory(self.device)
         return row
 
-    def _inference_seconds(self, cfg: Config) -> float:
-        """Median seconds of forward + `predict_labels` on one image of the crop size (eval mode)."""
-        model, _ = self._training(cfg)
-        model.eval()
-        amp = MixedPrecision(cfg.train.mixed_precision, "cuda")
-        images, _ = synthetic_batch(cfg, 1, self.device)
-        seconds = []
-        try:
-            for i in range(INFER_WARMUP + INFER_ITERS):
-                torch.cuda.synchronize(self.device)
-                start = time.perf_counter()
-                inference_step(model, images, amp, cfg)
-                torch.cuda.synchronize(self.device)
-                if i >= INFER_WARMUP:
-                    seconds.append(time.perf_counter() - start)
-        finally:
-            model.train()
-        return median(seconds)
 
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else the platform's processor string."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "CPU"
+
+
+class CpuTimer(Estimator):
+    """`esskit profile --device cpu`: the max batch and peaks of `--device meta` (a CPU has no
+    allocator cap to search against), and the training, kNN and inference times measured on this
+    CPU at that batch (or --batch): the time ratios and kNN share without a GPU, at small crops."""
+
+    source = "estimated + CPU times"
+
+    def __init__(self, budget_bytes: int):
+        super().__init__(budget_bytes)
+        threads = torch.get_num_threads()
+        self.device_name = f"{cpu_name()} ({threads} torch thread{'s' if threads > 1 else ''})"
+        self.timer = StepTimer(torch.device("cpu"))
+
+    def extra(self, cfg: Config, batch: int, tried: int | None = None) -> dict:
+        return self.timer.times(cfg, batch) if batch else {}

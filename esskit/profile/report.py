@@ -191,7 +191,8 @@ def table7(rows: list[dict], settings: dict) -> str:
                      f"{_fmt(share)} | {row.get('batch', row['max_batch'])} | {row['source']} |")
     text = "\n".join(lines) + "\n\n"
     if any(r["source"] == "estimated" for r in rows):
-        text += "Estimated rows have no times: fake tensors do no arithmetic. Run `--device cuda` on a GPU.\n\n"
+        text += ("Estimated rows have no times: fake tensors do no arithmetic. Run `--device cuda` on a GPU, or "
+                 "`--device cpu` for CPU times.\n\n")
     return text + _footnote(rows)
 
 

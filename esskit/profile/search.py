@@ -2,8 +2,9 @@
 
 `max_batch_size` doubles the batch from 1 until a training step does not fit, then bisects between
 the last batch that fitted and the first that did not. `profile_grid` runs it for each cell with a
-backend that answers "does this batch fit?": `estimate.Estimator` (fake tensors, CPU) or
-`measure.CudaMeasurer` (real steps on a GPU capped at the budget).
+backend that answers "does this batch fit?": `estimate.Estimator` (fake tensors, CPU),
+`measure.CudaMeasurer` (real steps on a GPU capped at the budget) or `measure.CpuTimer` (the
+estimate, with times measured on the CPU).
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ class ProfileSpec:
     crop: tuple[int, int] = (512, 512)  # training crop [H, W] (Figure 1: 512x512)
     budget_gib: float = 12.0  # GPU memory budget (the paper's 12 GB Titan)
     precision: str = "no"  # train.mixed_precision: "no", "fp16" or "bf16"
-    device: str = "meta"  # "meta": estimate on the CPU; "cuda": measure on the GPU
+    device: str = "meta"  # "meta": estimate on the CPU; "cuda": measure on the GPU; "cpu": estimate + CPU times
     max_batch: int = 256  # the search stops here
     batch: int = 0  # > 0: no search; peak and times at this batch (equal-batch comparisons)
     base: Config = field(default_factory=Config)  # recipe and --set values for everything else
@@ -127,7 +128,7 @@ class ProfileSpec:
 
 
 class Backend(Protocol):
-    source: str  # "measured" or "estimated"
+    source: str  # "measured", "estimated" or "estimated + CPU times"
     device_name: str
 
     def try_batch(self, cfg: Config, batch: int) -> Trial: ...
