@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from esskit import knn as current
+from esskit.profile.measure import cpu_name
 
 CASES = [  # (queries, keys, k): None queries = the keys themselves (Eq. 7)
     (None, 30000, 2), (None, 30000, 1), (8192, 100000, 9), (8192, 10000, 9), (8192, 1284, 9), (8192, 150, 9),
@@ -73,10 +74,10 @@ def main() -> None:
                              max_dist_diff=float((d0 - d1).abs().max())))
             print(json.dumps(rows[-1]), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(dict(before=args.before, threads=args.threads,
+    (args.out / "results.json").write_text(json.dumps(dict(before=args.before, threads=args.threads, cpu=cpu_name(),
                                                            torch=torch.__version__, rows=rows), indent=1))
-    lines = [f"`knn_exact` at {args.before} (before) and now, {args.threads} thread(s), torch {torch.__version__}, "
-             "fastest of the interleaved repeats\n",
+    lines = [f"`knn_exact` at {args.before} (before) and now, {cpu_name()}, {args.threads} thread(s), "
+             f"torch {torch.__version__}, fastest of {args.repeats} interleaved repeats\n",
              "| queries | keys | k | block MiB | before s | now s | speed-up | same indices | max dist diff |",
              "|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['queries']} | {r['keys']} | {r['k']} | {r['chunk_mib']} | {r['before_s']} | {r['now_s']} | "
