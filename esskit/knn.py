@@ -56,8 +56,8 @@ def _knn_blocks(queries: torch.Tensor, keys: torch.Tensor, k: int, chunk_bytes: 
     rows = max(1, chunk_bytes // (4 * num_keys))
     dists = queries.new_empty(num_queries, k)
     idxs = torch.empty(num_queries, k, dtype=torch.int64, device=queries.device)
-    # One [rows, C] buffer for every block: a fresh one per block costs the CPU an mmap and page
-    # faults each time, and two blocks were alive while the next was written.
+    # One [rows, C] buffer for every block: fresh blocks were 1.0-2x slower on a CPU
+    # (profiling/README.md, "The chunked kNN"), and two were alive while the next was written.
     buffer = queries.new_empty(min(rows, num_queries), num_keys)
     for start, stop in chunk_ranges(num_queries, rows, queries):
         # |k|^2 - 2 q.k: one matmul per block, the FAISS IndexFlatL2 formulation. |q|^2 is the same
