@@ -67,7 +67,9 @@ class MethodConfig:
     # torch; the GPU recipes set it), "faiss" (optional extra) or "triton" (one fused kernel, CUDA)
     knn: str = "torch"
     knn_chunk_mib: int = 64  # memory budget of one kNN distance block [rows, C] (fp32)
-    knn_at: str = "label"  # "label" (paper) or "feature": one search per stride-4 decoder pixel, shared
+    # "label" (paper): a search per label pixel; "feature": one per stride-4 decoder pixel, shared by the
+    # pixels it covers (approximate); "feature_exact": one per decoder pixel, exact per label pixel (a bound)
+    knn_at: str = "label"
     knn_block: int = 1  # 1 (paper), 2 or 4: one search per b x b label-pixel block (its mean direction)
     loss_kernel: str = "auto"  # Eq. 6: "auto" (triton on CUDA), "torch" (chunked) or "triton" (fused, CUDA)
     loss_chunk_mib: int = 64  # pixel chunk of the ESS losses: [rows, k+1, d] (ess) or [rows, C] (ess_full)
@@ -77,13 +79,13 @@ class MethodConfig:
         _check_choice("method", "variant", self.variant, ("paper", "essnet"))
         _check_choice("method", "negatives", self.negatives, ("nearest", "random"))
         _check_choice("method", "knn", self.knn, ("auto", "torch", "faiss", "triton"))
-        _check_choice("method", "knn_at", self.knn_at, ("label", "feature"))
+        _check_choice("method", "knn_at", self.knn_at, ("label", "feature", "feature_exact"))
         _check_choice("method", "loss_kernel", self.loss_kernel, ("auto", "torch", "triton"))
         _check_choice("method", "knn_block", self.knn_block, (1, 2, 4))
         _check_positive("method", self, ["k", "tau", "knn_chunk_mib", "loss_chunk_mib"])
         _check_positive("method", self, ["margin", "margin_weight"], allow_zero=True)
-        if self.knn_at == "feature" and self.knn_block > 1:
-            raise ConfigError("method.knn_at = 'feature' and method.knn_block > 1 are alternatives; set one")
+        if self.knn_at != "label" and self.knn_block > 1:
+            raise ConfigError(f"method.knn_at = {self.knn_at!r} and method.knn_block > 1 are alternatives; set one")
         if self.variant == "essnet" and (self.knn_at != "label" or self.knn_block > 1):
             raise ConfigError("method.knn_at / method.knn_block apply to variant 'paper'; variant 'essnet' "
                               "searches per label pixel like the official code")
@@ -107,6 +109,12 @@ class MethodConfig:
     @property
     def loss_chunk_bytes(self) -> int:
         return self.loss_chunk_mib * 2**20
+
+    @property
+    def bounded_search(self) -> bool:
+        """knn_at = "feature_exact": the loss's and prediction's searches run at the decoder's stride
+        and are proven exact per label pixel (`esskit.knn.bounded_neighbours`)."""
+        return self.knn_at == "feature_exact"
 
     def check_training(self) -> None:
         """Settings another one would silently ignore in training. Checked when a run trains, not on

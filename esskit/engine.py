@@ -232,8 +232,9 @@ def evaluate(accelerator: Accelerator, model: torch.nn.Module, cfg: Config, data
         images, target = stack_same_size(batch, cfg)
         images, target = images.to(accelerator.device), target.to(accelerator.device)
         with accelerator.autocast():
-            output = infer(net, images, cfg.eval)
-        metrics.update(predict_labels(output, target.shape[-2:], cfg.method.knn_chunk_bytes), target)
+            output = infer(net, images, cfg.eval, coarse=True)
+        metrics.update(predict_labels(output, target.shape[-2:], cfg.method.knn_chunk_bytes,
+                                      cfg.method.bounded_search), target)
     metrics.all_reduce()
     # class_pixels: target pixels per class, the frequency that `evaluate --per-class` sorts by (Fig. 6)
     return {**metrics.compute(), "pixels": metrics.num_pixels, "class_pixels": metrics.target_count.tolist()}

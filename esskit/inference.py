@@ -23,10 +23,12 @@ def _windows(size: int, crop: int, stride: int) -> list[int]:
 
 
 @torch.no_grad()
-def infer(model: torch.nn.Module, images: torch.Tensor, cfg: EvalConfig) -> dict:
+def infer(model: torch.nn.Module, images: torch.Tensor, cfg: EvalConfig, coarse: bool = False) -> dict:
     """The model's output dict with per-pixel maps at the images' resolution. With `eval.scale` the
     model sees the images rescaled into that box (mmseg's test-time Resize, keep_ratio) and the maps
-    are upsampled back to the images' own size.
+    are upsampled back to the images' own size. `coarse` leaves a whole-image output at the model's
+    resolution, for `predict_labels`, which upsamples it the same way and can then search there
+    (method.knn_at = "feature_exact").
 
     Sliding windows average the upsampled per-pixel outputs where windows overlap: logits for the
     baseline, embeddings for ESS (unit ones when its loss normalises; `predict_labels` renormalises
@@ -46,7 +48,7 @@ def infer(model: torch.nn.Module, images: torch.Tensor, cfg: EvalConfig) -> dict
             return {k: upsample(v, size) if k in MAP_KEYS else v for k, v in output.items()}
     if cfg.mode == "whole":
         output = model(images)
-        return {k: upsample(v.float(), size) if k in MAP_KEYS else v for k, v in output.items()}
+        return output if coarse else {k: upsample(v.float(), size) if k in MAP_KEYS else v for k, v in output.items()}
     (ch, cw), (sh, sw) = cfg.crop, cfg.stride
     total, count, rest = None, images.new_zeros(1, 1, *size), {}
     for top in _windows(size[0], ch, sh):

@@ -7,6 +7,7 @@ The search runs without gradient (paper §3.3.1: "not included in the computatio
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -121,7 +122,7 @@ class GridNeighbours:
         image, rest = i // (height * width), i % (height * width)
         return (image * h + self.row_cell[rest // width]) * w + self.col_cell[rest % width]
 
-    def lookup(self, start: int, stop: int) -> torch.Tensor:
+    def lookup(self, start: int, stop: int, queries: torch.Tensor | None = None) -> torch.Tensor:
         return self.table[self.cells(start, stop)]
 
 
@@ -168,3 +169,167 @@ def block_neighbours(label_emb: torch.Tensor, block: int, keys: torch.Tensor, k:
     device = table.device
     return GridNeighbours(table, tuple(queries.shape[-2:]), torch.arange(height, device=device) // block,
                           torch.arange(width, device=device) // block)
+
+
+def bilinear_taps(out_size: int, in_size: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """F.interpolate(mode="bilinear", align_corners=False) along one axis: output i reads inputs
+    first[i] and min(first[i] + 1, in_size - 1) with weights [out, 2] (PyTorch's source index
+    (i + 0.5) * in/out - 0.5, clamped at 0)."""
+    i = torch.arange(out_size, device=device, dtype=torch.float64)
+    src = ((i + 0.5) * (in_size / out_size) - 0.5).clamp_min(0)
+    first = src.floor().long().clamp_max(in_size - 1)
+    frac = (src - first).float()
+    return first, torch.stack([1 - frac, frac], 1)
+
+
+def _first_tap(i: int, out_size: int, in_size: int) -> int:
+    """bilinear_taps(out_size, in_size)[0][i], in Python (the same float64 arithmetic)."""
+    return min(int(max((i + 0.5) * (in_size / out_size) - 0.5, 0.0)), in_size - 1)
+
+
+# Keys kept per decoder pixel for knn_at = "feature_exact", as a multiple of the k+1 searched (m = 18 at
+# k = 8). CPU, C = 1284, against the search per label pixel: x3.3-3.7 on a synthetic run trained 150
+# steps (2.4 % of its pixels need the full search); x1.1-1.2 at the profiler's random-init cell,
+# where 35 % do (x1.7 at 3(k+1)). profiling/README.md, "An exact search at the decoder's stride".
+BOUNDED_CANDIDATES_PER_K = 2
+# Unions are padded to the count that covers all but UNION_CUT of the cells; the pixels of the cells
+# with more ids get the full search: padding every cell to the longest union cost more than that.
+UNION_CUT = 0.02
+_PAD_SCORE = -1e30  # padded candidate slots: below every real score, finite so 0 weights stay 0
+
+
+@dataclass(frozen=True)
+class BoundedNeighbours:
+    """`method.knn_at = "feature_exact"`: each label pixel's exact k nearest keys, from a search at
+    the decoder's stride and a bound.
+
+    The loss upsamples the stride-4 embeddings bilinearly, so a label pixel's x is a convex
+    combination sum_i w_i f_i of four decoder pixels (the corners of its cell). Its ranking score
+    s(c) = 2 x.mu_c - |mu_c|^2 (= |x|^2 - |x - mu_c|^2; on unit vectors the order of |x/|x| - mu_c|)
+    is then the same combination sum_i w_i s_i(c). Each corner keeps its m nearest keys and b_i,
+    the score of its (m+1)-th: no key outside its list scores above b_i there. Over the union U of
+    the four lists, a pixel's k-th best score above sum_i w_i b_i proves its k best in U are its k
+    nearest of all keys. Pixels the bound does not prove get the full search (`knn`).
+    """
+
+    ids: torch.Tensor  # [cells, L] int32 key ids of each cell's union U, padded with C
+    bounds: torch.Tensor  # [cells, 4] b_i + slack per corner (inf where U was cut: nothing proven)
+    features: torch.Tensor  # [B*h*w, d] the decoder pixels, raw
+    grid: tuple[int, int, int]  # (B, h, w)
+    rows: tuple[torch.Tensor, torch.Tensor]  # bilinear_taps(H, h)
+    cols: tuple[torch.Tensor, torch.Tensor]  # bilinear_taps(W, w)
+    keys: torch.Tensor
+    k: int
+    knn: object
+    normalize: bool
+    chunk_bytes: int
+
+    def lookup(self, start: int, stop: int, queries: torch.Tensor) -> torch.Tensor:
+        """[stop - start, k] key ids, nearest first, of label pixels start..stop-1 (`pixels_last`
+        order), whose upsampled embeddings are `queries` (for the full search where needed)."""
+        (_, _, w), width = self.grid, self.cols[0].shape[0]
+        slots, d = self.ids.shape[1] + 1, self.features.shape[1]
+        # a label row's temporaries: 3 x [W, L+1] at its pixels, [w, 4 + 2, L+1] and [w, L, d] at its cells
+        rows = max(1, self.chunk_bytes // (4 * slots * (3 * width + (6 + d) * w)))
+        found, proved = [], []
+        r0 = start // width
+        while r0 * width < stop:  # whole label rows, at most `rows` at a time
+            r1 = min(r0 + rows, -(-stop // width))
+            ids, ok = self._rows(r0, r1, max(start, r0 * width) - r0 * width, min(stop, r1 * width) - r0 * width)
+            found.append(ids)
+            proved.append(ok)
+            r0 = r1
+        found = torch.cat(found)
+        # one full search for the pixels the bound did not prove (one GPU sync per call); fake tensors
+        # (the profiler's estimate) count every pixel, an upper bound
+        redo = torch.arange(len(found), device=found.device) if is_fake(found) else (~torch.cat(proved)).nonzero()[:, 0]
+        if len(redo):
+            q = queries[redo].float()
+            found[redo] = self.knn(F.normalize(q, dim=1) if self.normalize else q, self.keys, self.k)[1]
+        return found
+
+    def _scores(self, cells: slice) -> torch.Tensor:
+        """[cells, 4, L+1]: s_i(c) of each corner over U (pads: _PAD_SCORE), then b_i."""
+        ids = self.ids[cells].long()
+        pad = ids == self.keys.shape[0]
+        ids = ids.masked_fill(pad, 0)
+        mu, corners = self.keys.float(), self.features[_cell_corners(cells, self.grid, self.ids.device)]
+        s = torch.baddbmm(-mu.pow(2).sum(1)[ids][:, None, :], corners, mu[ids].transpose(1, 2), alpha=2)
+        s.masked_fill_(pad[:, None, :], _PAD_SCORE)
+        return torch.cat([s, self.bounds[cells, :, None]], 2)
+
+    def _rows(self, r0: int, r1: int, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Label rows r0..r1-1 (global: image * H + y), pixels lo..hi-1 of them -> (the k best ids
+        in each pixel's union, nearest first; whether the bound proves them)."""
+        (batch, h, w), height = self.grid, self.rows[0].shape[0]
+        label_row = torch.arange(r0, r1, device=self.ids.device)
+        cell_row = label_row // height * h + self.rows[0][label_row % height]  # [R] into B*h, ascending
+        # the band's cell rows, from Python ints (no GPU sync; fake tensors have no values)
+        first_row, last_row = ((r // height) * h + _first_tap(r % height, height, h) for r in (r0, r1 - 1))
+        s = self._scores(slice(first_row * w, (last_row + 1) * w)).view(-1, w, 4, self.ids.shape[1] + 1)
+        s = s[cell_row - first_row]  # [R, w, 4, L+1]
+        wy = self.rows[1][label_row % height]  # [R, 2]
+        s = s[:, :, :2] * wy[:, 0, None, None, None] + s[:, :, 2:] * wy[:, 1, None, None, None]  # [R, w, 2, L+1]
+        first, wx = self.cols
+        s = s[:, first, 0] * wx[:, 0, None] + s[:, first, 1] * wx[:, 1, None]  # [R, W, L+1]
+        s = s.flatten(0, 1)[lo:hi]
+        best, slot = s[:, :-1].topk(self.k, dim=1)
+        cell = (cell_row[:, None] * w + first).flatten()[lo:hi]
+        return self.ids.view(-1)[cell[:, None] * self.ids.shape[1] + slot].long(), best[:, -1] > s[:, -1]
+
+
+@torch.no_grad()
+def bounded_neighbours(features: torch.Tensor, label_size, keys: torch.Tensor, k: int, knn=None,
+                       normalize: bool = True, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                       per_k: int = BOUNDED_CANDIDATES_PER_K) -> BoundedNeighbours | None:
+    """`method.knn_at = "feature_exact"` (see `BoundedNeighbours`): one search per decoder pixel of
+    `features` [B, d, h, w] for m = per_k * k keys, and each cell's union of its corners' lists
+    (their scores are computed as the label pixels are looked up). None where C is too small for
+    the bound to save work (C <= 2m): the caller searches every label pixel."""
+    knn = knn or knn_exact
+    (batch, d, h, w), num_keys = features.shape, keys.shape[0]
+    m = per_k * k
+    if num_keys <= 2 * m:
+        return None
+    f = features.detach().float().permute(0, 2, 3, 1).reshape(-1, d)  # raw: s is linear in x, not x/|x|
+    dist, idx = knn(f, keys, m + 1)
+    f_sq = f.pow(2).sum(1)
+    # b_i = |f|^2 - dist to the (m+1)-th, plus a slack far above fp32 rounding of these scores
+    bound = f_sq - dist[:, m] + 1e-5 * (1 + f_sq.sqrt()).pow(2)
+    height, width = label_size
+    cells = batch * h * w
+    lists = idx.new_empty(cells, 4 * m, dtype=torch.int32)
+    count = torch.empty(cells, dtype=torch.int64, device=f.device)
+    bounds = f.new_empty(cells, 4)
+    for start, stop in chunk_ranges(cells, max(1, chunk_bytes // (8 * 4 * m * 3)), f):
+        corners = _cell_corners(slice(start, stop), (batch, h, w), f.device)
+        lists[start:stop], count[start:stop] = _distinct_first(idx[:, :m][corners].flatten(1), num_keys)
+        bounds[start:stop] = bound[corners]
+    # pad to the count that all but UNION_CUT of the cells fit in; fake tensors (the profiler's
+    # estimate) keep all 4m, an upper bound
+    slots = 4 * m if is_fake(f) else int(count.kthvalue(max(1, math.ceil((1 - UNION_CUT) * cells))).values)
+    ids = lists[:, :slots].clone()
+    del lists
+    bounds.masked_fill_((count > slots)[:, None], float("inf"))  # a cut union proves nothing
+    return BoundedNeighbours(ids, bounds, f, (batch, h, w), bilinear_taps(height, h, f.device),
+                             bilinear_taps(width, w, f.device), keys, k, knn, normalize, chunk_bytes)
+
+
+def _cell_corners(cells: slice, grid: tuple[int, int, int], device) -> torch.Tensor:
+    """[cells, 4] decoder pixels at the corners (top-left, top-right, bottom-left, bottom-right) of
+    cells (image, i, j) = (image * h + i) * w + j of `grid` (B, h, w)."""
+    _, h, w = grid
+    cell = torch.arange(cells.start, cells.stop, device=device)
+    row, j = cell // w, cell % w  # row = image * h + i
+    down = (row % h < h - 1).long() * w  # the last row's cells repeat it (F.interpolate's clamp)
+    right = (j < w - 1).long()
+    top = row * w + j
+    return torch.stack([top, top + right, top + down, top + down + right], 1)
+
+
+def _distinct_first(lists: torch.Tensor, num_keys: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's distinct ids first, ascending, then num_keys in place of repeats -> (ids, counts)."""
+    ids = lists.sort(1).values
+    repeat = torch.zeros_like(ids, dtype=torch.bool)
+    repeat[:, 1:] = ids[:, 1:] == ids[:, :-1]
+    return ids.masked_fill(repeat, num_keys).sort(1).values, (~repeat).sum(1)

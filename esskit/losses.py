@@ -21,8 +21,8 @@ from esskit.loss_triton import fused_candidate_cross_entropy
 from esskit.config import MethodConfig
 from esskit.data import IGNORE_INDEX
 from esskit.errors import ConfigError
-from esskit.knn import (GridNeighbours, block_neighbours, chunk_ranges, feature_neighbours, knn_backend,
-                        knn_exact)
+from esskit.knn import (DEFAULT_CHUNK_BYTES, BoundedNeighbours, GridNeighbours, block_neighbours, bounded_neighbours,
+                        chunk_ranges, feature_neighbours, knn_backend, knn_exact)
 
 ESSNET_SCALE = 20.0  # the official code's logits: -20 * |x - mu| (not squared)
 LOSS_CHUNK_BYTES = 64 * 2**20  # default of method.loss_chunk_mib
@@ -70,7 +70,7 @@ def random_negatives(target: torch.Tensor, num_classes: int, k: int) -> torch.Te
 @torch.no_grad()
 def ess_candidates(x: torch.Tensor, mu: torch.Tensor, target: torch.Tensor, k: int, *, rows: int,
                    negatives: str = "nearest", normalize: bool = True, knn=knn_exact,
-                   neighbours: GridNeighbours | None = None) -> torch.Tensor:
+                   neighbours: GridNeighbours | BoundedNeighbours | None = None) -> torch.Tensor:
     """[N, k+1] int32 class ids per pixel: the target (ignore pixels: class 0), then its k
     negatives (Eq. 6), built `rows` pixels at a time so the kNN outputs stay chunk-sized.
 
@@ -90,7 +90,7 @@ def ess_candidates(x: torch.Tensor, mu: torch.Tensor, target: torch.Tensor, k: i
         if negatives == "random":
             neg = random_negatives(t[start:stop], mu.shape[0], k)
         else:
-            found = (neighbours.lookup(start, stop) if neighbours is not None
+            found = (_search_time(knn, neighbours.lookup, start, stop, x[start:stop]) if neighbours is not None
                      else knn(unit(x[start:stop], normalize), mu, k + 1)[1])
             neg = drop_target(found, t[start:stop], k)
         cand[start:stop, 1:] = neg
@@ -105,7 +105,7 @@ def _kept_mean(total: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def ess_loss(pixel_emb: torch.Tensor, class_emb: torch.Tensor, target: torch.Tensor, k: int,
              tau: float = 0.05, *, negatives: str = "nearest", normalize: bool = True, knn=knn_exact,
-             neighbours: GridNeighbours | None = None, chunk_bytes: int = LOSS_CHUNK_BYTES,
+             neighbours: GridNeighbours | BoundedNeighbours | None = None, chunk_bytes: int = LOSS_CHUNK_BYTES,
              dense: bool | None = None, kernel: str = "auto") -> torch.Tensor:
     """Eq. 6: softmax over the target and its k nearest negative classes, logits -|x - mu|^2 / tau.
 
@@ -191,18 +191,29 @@ def pixels_last(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
 
 
+def _search_time(knn, fn, *args):
+    """fn(*args), timed as part of the search where `knn` times (the profiler's TimedKnn): the
+    neighbour lists' own work beside the searches they call."""
+    timed = getattr(knn, "timed", None)
+    return timed(fn, *args) if timed is not None else fn(*args)
+
+
 @torch.no_grad()
 def shared_neighbours(emb: torch.Tensor, up: torch.Tensor, class_emb: torch.Tensor, k: int, *, knn_at: str,
-                      knn_block: int, knn=knn_exact, normalize: bool = True) -> GridNeighbours | None:
-    """The k+1 nearest classes searched once per stride-4 decoder pixel (`knn_at = "feature"`) or per
+                      knn_block: int, knn=knn_exact, normalize: bool = True,
+                      chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> GridNeighbours | BoundedNeighbours | None:
+    """The k+1 nearest classes searched once per stride-4 decoder pixel (`knn_at = "feature"`, shared
+    by the label pixels it covers; "feature_exact", exact per label pixel through a bound) or per
     b x b block of label pixels (`knn_block = b`) of `emb` [B, d, h, w] / `up` (it at label size);
     None for the paper's one search per label pixel."""
     if knn_at == "label" and knn_block == 1:
         return None
     mu = unit(class_emb.detach().float(), normalize)
+    if knn_at == "feature_exact":
+        return _search_time(knn, bounded_neighbours, emb, up.shape[-2:], mu, k + 1, knn, normalize, chunk_bytes)
     if knn_at == "feature":
-        return feature_neighbours(emb, up.shape[-2:], mu, k + 1, knn, normalize)
-    return block_neighbours(up, knn_block, mu, k + 1, knn, normalize)
+        return _search_time(knn, feature_neighbours, emb, up.shape[-2:], mu, k + 1, knn, normalize)
+    return _search_time(knn, block_neighbours, up, knn_block, mu, k + 1, knn, normalize)
 
 
 @torch.no_grad()
@@ -222,7 +233,7 @@ def ess_paper_loss(emb: torch.Tensor, class_emb: torch.Tensor, target: torch.Ten
     neighbours = None
     if cfg.negatives == "nearest":
         neighbours = shared_neighbours(emb, up, class_emb, cfg.k, knn_at=cfg.knn_at, knn_block=cfg.knn_block,
-                                       knn=knn, normalize=cfg.normalize)
+                                       knn=knn, normalize=cfg.normalize, chunk_bytes=cfg.knn_chunk_bytes)
     return ess_loss(pixels_last(up), class_emb, target.reshape(-1), cfg.k, cfg.tau, negatives=cfg.negatives,
                     normalize=cfg.normalize, knn=knn, neighbours=neighbours,
                     chunk_bytes=cfg.loss_chunk_bytes, dense=dense, kernel=cfg.loss_kernel)

@@ -132,8 +132,9 @@ def _predict_batch(run: Run, transform, pending: list, out: Path, overlay: bool)
     batch = torch.stack([transform(tv_tensors.Image(img)).as_subclass(torch.Tensor) for _, _, img in pending])
     batch = batch.to(run.accelerator.device)
     with run.accelerator.autocast():
-        output = infer(run.model, batch, run.cfg.eval)  # eval.mode "slide" as `evaluate` runs it
-    labels = predict_labels(output, batch.shape[-2:], run.cfg.method.knn_chunk_bytes).cpu().numpy()
+        output = infer(run.model, batch, run.cfg.eval, coarse=True)  # eval.mode "slide" as `evaluate` runs it
+    labels = predict_labels(output, batch.shape[-2:], run.cfg.method.knn_chunk_bytes,
+                            run.cfg.method.bounded_search).cpu().numpy()
     return [write_prediction(run, name, img, lab, out, overlay) for (_, name, img), lab in zip(pending, labels)]
 
 

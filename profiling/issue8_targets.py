@@ -34,6 +34,8 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else a / b
 
 
+# the kNN options of run_cuda.sh's fused part: name -> the folder's suffix
+SEARCHES = {"exact": "", "knn_at = feature_exact": "-knn_at-feature_exact", "knn_at = feature": "-knn_at-feature"}
 MAXB_METHODS, MAXB_CLASSES = ("ess", "ess_full"), (19, 1284, 100000)  # run_cuda.sh's maxb part
 
 
@@ -44,26 +46,29 @@ def _row(target: str, value: float | None, text: str, met: bool | None) -> tuple
 
 
 def targets(results: Path) -> list[tuple[str, str, str]]:
-    """(target, measured, met) for each of issue 8's GPU targets, exact search and knn_at = "feature"."""
-    b8, b8_base = (profile_rows(results / f"{R}-b8-fused{s}-cuda") for s in ("", "-baseline"))
-    b8_feature = profile_rows(results / f"{R}-b8-fused-knn_at-feature-cuda")
-    b4, b4_feature = (profile_rows(results / f"{R}-b4-fused{s}-cuda") for s in ("", "-knn_at-feature"))
+    """(target, measured, met) for each of issue 8's GPU targets: the search per label pixel ("exact"),
+    at the decoder's stride made exact by the bound (knn_at = feature_exact) and shared (knn_at = feature)."""
+    b8_base = profile_rows(results / f"{R}-b8-fused-baseline-cuda")
+    b8, b4 = ({name: profile_rows(results / f"{R}-{batch}-fused{suffix}-cuda") for name, suffix in SEARCHES.items()}
+              for batch in ("b8", "b4"))
     maxb = profile_rows(results / f"{R}-12gib-auto-cuda")
     out = []
-    for name, rows in (("exact", b8), ("knn_at = feature", b8_feature)):
+    for name, rows in b8.items():
         share = _value(rows, "ess", 1284, "knn_share")
         out.append(_row(f"kNN ≤ 5 % of the ESS step (C = 1284, batch 8; {name})", share,
                         f"{100 * share:.1f} %" if share is not None else "", share is not None and share <= 0.05))
-    for name, rows in (("exact", b8), ("knn_at = feature", b8_feature)):
+    for name, rows in b8.items():
         r = _ratio(_value(rows, "ess", 150, "train_s_per_iter"), _value(b8_base, "baseline", 150, "train_s_per_iter"))
         out.append(_row(f"ESS ≤ 1.05× baseline (C = 150, batch 8; {name})", r, f"{r:.2f}×" if r else "",
                         r is not None and r <= 1.05))
-    for name, rows in (("exact", b4), ("knn_at = feature", b4_feature)):
-        r = _ratio(_value(rows, "ess", 1284, "train_s_per_iter"), _value(b4, "baseline", 1284, "train_s_per_iter"))
+    for name, rows in b4.items():
+        base = _value(b4["exact"], "baseline", 1284, "train_s_per_iter")
+        r = _ratio(_value(rows, "ess", 1284, "train_s_per_iter"), base)
         out.append(_row(f"ESS ≤ 0.5× baseline (C = 1284, batch 4; {name})", r, f"{r:.2f}×" if r else "",
                         r is not None and r <= 0.5))
-    time = _ratio(_value(b8, "ess_full", 1284, "train_s_per_iter"), _value(b8, "ess", 1284, "train_s_per_iter"))
-    peak = _ratio(_value(b8, "ess_full", 1284, "peak_mib"), _value(b8, "ess", 1284, "peak_mib"))
+    exact = b8["exact"]
+    time = _ratio(_value(exact, "ess_full", 1284, "train_s_per_iter"), _value(exact, "ess", 1284, "train_s_per_iter"))
+    peak = _ratio(_value(exact, "ess_full", 1284, "peak_mib"), _value(exact, "ess", 1284, "peak_mib"))
     out.append(_row("ess_full ≤ 1.2× ESS step, memory within 5 % (C = 1284, batch 8)", time,
                     f"{time:.2f}×, memory {100 * (peak - 1):+.1f} %" if time and peak else "",
                     time is not None and peak is not None and time <= 1.2 and abs(peak - 1) <= 0.05))

@@ -16,7 +16,7 @@
 #               the baseline runs at C = 1284; baseline / ESS / ess_full, then ESS with the fused kNN.
 #   fused       (not in the default list) ESS and ess_full with the fused kernels (method.knn and
 #               method.loss_kernel = "triton") at batch 8 and 4 beside the baseline, ESS with the
-#               search at the decoder's stride (knn_at = "feature") and over 4x4 blocks, the kNN kernel's
+#               search at the decoder's stride (knn_at = "feature", and "feature_exact") and over 4x4 blocks, the kNN kernel's
 #               tile shapes, ess_full's torch form, C = 10,000; after the kernels' GPU tests.
 #   steps       (not in the default list) profiler tables of ESS with both fused kernels and the baseline.
 #   maxb        (not in the default list) max batch at 12 GiB of ESS and ess_full with the kernels the GPU
@@ -106,6 +106,11 @@ for part in $parts; do
              --out "$r-b8-fused-knn_at-feature-cuda"
            run $b4 --classes 1284 --methods baseline,ess,ess_full $fused --out "$r-b4-fused-cuda"
            run $b4 --classes 1284 --methods ess $fused --set method.knn_at=feature --out "$r-b4-fused-knn_at-feature-cuda"
+           # exact from a search at the decoder's stride (a bound, torch code; the CPU gained x1.2-3.4)
+           run $b8 --classes 150,1284 --methods ess $fused --set method.knn_at=feature_exact \
+             --out "$r-b8-fused-knn_at-feature_exact-cuda"
+           run $b4 --classes 1284 --methods ess $fused --set method.knn_at=feature_exact \
+             --out "$r-b4-fused-knn_at-feature_exact-cuda"
            # kNN variants: knn_kernel_model.py predicts 16-key tiles with 1-4 warps at ~0.5x the default's instructions
            run python profiling/step_breakdown.py --cells "" --selection-classes "" --knn-classes 150,1284 \
              --knn-tiles 32x32x4,32x32x4p,32x16x1,32x16x1p,64x16x1,64x16x2,128x16x4,16x32x1,32x32x2,64x32x4,16x16x1,32x64x4,64x64x8 \

@@ -61,6 +61,29 @@ def test_train_writes_run_directory(tmp_path, method):
     assert json.loads((run / "eval.json").read_text())["mIoU"] == pytest.approx(report["mIoU"])
 
 
+def test_feature_exact_search_trains_as_the_per_pixel_search(tmp_path):
+    """knn_at = "feature_exact" is exact: the same losses and weights as a search per label pixel
+    (60 classes: above the count where it falls back to that search)."""
+    runs = {at: tmp_path / at for at in ("label", "feature_exact")}
+    for at, run in runs.items():
+        result = esskit("train", str(RECIPE), "--out", str(run),
+                        overrides=TINY + ["data.num_classes=60", f"method.knn_at={at}"])
+        assert result.exit_code == 0, result.output
+    losses = [[json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines() if "loss" in x]
+              for run in runs.values()]
+    assert len(losses[0]) == 4 and losses[0] == pytest.approx(losses[1], rel=1e-5)
+    a, b = (weights(run, 4) for run in runs.values())
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
+    # evaluation predicts through the bound too: the same labels from the same weights
+    label_eval = json.loads((runs["label"] / "eval.json").read_text())
+    again = esskit("evaluate", str(RECIPE), "--checkpoint", str(runs["label"]),
+                   overrides=TINY + ["data.num_classes=60", "method.knn_at=feature_exact"])
+    assert again.exit_code == 0, again.output
+    bounded_eval = json.loads((runs["label"] / "eval.json").read_text())
+    assert bounded_eval["IoU"] == label_eval["IoU"] and bounded_eval["pixels"] == label_eval["pixels"]
+
+
 def test_resume_equals_straight_run(tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
     # 6 images / batch 2 = 3 batches per epoch: the resumed half crosses an epoch boundary.

@@ -108,3 +108,24 @@ def test_eval_scale_whole_equals_one_slide_window_for_ess():
     scaled = F.interpolate(images, (64, 92), mode="bilinear")  # keep_ratio_size((37, 53), [64, 96])
     expected = F.interpolate(F.normalize(model.conv(scaled), dim=1), (37, 53), mode="bilinear")
     torch.testing.assert_close(whole["embeddings"], expected)
+
+
+def test_coarse_whole_image_output_is_the_models_own():
+    """infer(coarse=True) leaves whole-image maps at the model's resolution for predict_labels,
+    which upsamples them as infer would: the same labels; slide mode ignores it."""
+    class Stride2(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+            self.class_embeddings = nn.Parameter(torch.randn(7, 4))
+
+        def forward(self, x):
+            return {"embeddings": self.conv(x), "class_embeddings": self.class_embeddings}
+
+    model, images = Stride2(), torch.randn(2, 3, 12, 10)
+    coarse = infer(model, images, EvalConfig(mode="whole"), coarse=True)
+    full = infer(model, images, EvalConfig(mode="whole"))
+    assert coarse["embeddings"].shape[-2:] == (6, 5) and full["embeddings"].shape[-2:] == (12, 10)
+    assert torch.equal(predict_labels(coarse, (12, 10)), predict_labels(full, (12, 10)))
+    slide = EvalConfig(mode="slide", crop=[8, 8], stride=[4, 4])
+    assert infer(model, images, slide, coarse=True)["embeddings"].shape[-2:] == (12, 10)

@@ -20,6 +20,7 @@ def test_targets_of_the_committed_h100_run():
     assert rows["ESS ≤ 1.05× baseline (C = 150, batch 8; exact)"] == ("1.18×", "no")  # 0.0652 / 0.0552
     assert rows["ESS ≤ 0.5× baseline (C = 1284, batch 4; exact)"] == ("0.58×", "no")  # 0.0474 / 0.082
     assert rows["ESS ≤ 0.5× baseline (C = 1284, batch 4; knn_at = feature)"] == ("not run", "–")
+    assert rows["kNN ≤ 5 % of the ESS step (C = 1284, batch 8; knn_at = feature_exact)"] == ("not run", "–")
 
 
 def test_tile_and_bench_choices_rank_against_their_references(tmp_path):

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from esskit.errors import ConfigError
-from esskit.knn import block_neighbours, covering_cells, feature_neighbours, knn_backend, knn_exact, knn_faiss
+from esskit.knn import (_first_tap, bilinear_taps, block_neighbours, bounded_neighbours, covering_cells,
+                        feature_neighbours, knn_backend, knn_exact, knn_faiss)
 
 
 def _data(n=300, c=37, d=8, seed=0):
@@ -211,3 +212,72 @@ def test_shared_neighbours_and_negatives_differ_against_the_exact_search():
     blocks = shared_neighbours(emb, emb, class_emb, 4, knn_at="label", knn_block=4)
     differ = negatives_differ(pixels_last(emb), mu, target, 4, blocks, rows=37)
     assert differ.any() and not differ[target == IGNORE_INDEX].any()
+
+
+# method.knn_at = "feature_exact": a search per decoder pixel, made exact per label pixel by a bound
+
+@pytest.mark.parametrize("grid, label", [(32, 128), (9, 35), (7, 7), (5, 17), (16, 63)])
+def test_bilinear_taps_are_interpolates_weights(grid, label):
+    values = torch.randn(grid, dtype=torch.float64)
+    expected = torch.nn.functional.interpolate(values.view(1, 1, grid, 1), size=(label, 1), mode="bilinear",
+                                               align_corners=False).view(-1)
+    first, weights = bilinear_taps(label, grid)
+    mine = weights[:, 0].double() * values[first] + weights[:, 1].double() * values[(first + 1).clamp_max(grid - 1)]
+    torch.testing.assert_close(mine, expected, rtol=0, atol=1e-7)  # the weights are fp32
+    assert [_first_tap(i, label, grid) for i in range(label)] == first.tolist()  # the lookup's band, in Python
+
+
+def _profiling_script(name):
+    import importlib
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "profiling"))
+    return importlib.import_module(name)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("smooth", [True, False])
+def test_bounded_neighbours_are_each_label_pixels_exact_lists(normalize, smooth):
+    """Against a float64 search on the upsampled embeddings, looked up in uneven chunks, with label
+    sizes that are no multiple of the grid (border cells), and small memory budgets (sub-chunks)."""
+    g = torch.Generator().manual_seed(int(smooth) + 2 * int(normalize))
+    features = torch.randn(2, 6, 9, 7, generator=g)
+    if smooth:  # neighbouring decoder pixels alike, as in a trained net: most pixels are proven
+        features = (torch.nn.functional.avg_pool2d(features, 3, 1, 1, count_include_pad=False)
+                    + torch.randn(2, 6, 1, 1, generator=g))
+    keys = torch.randn(300, 6, generator=g)
+    keys = torch.nn.functional.normalize(keys, dim=1) if normalize else keys
+    size, k = (35, 29), 5
+    knn = _profiling_script("knn_bounded").CountingKnn()  # knn_exact, counting queries
+    shared = bounded_neighbours(features, size, keys, k, knn, normalize, chunk_bytes=2**15)
+    assert knn.calls == [2 * 9 * 7]  # one search per decoder pixel
+    up = torch.nn.functional.interpolate(features, size=size, mode="bilinear", align_corners=False)
+    x = up.permute(0, 2, 3, 1).reshape(-1, 6)
+    found = torch.cat([shared.lookup(s, min(s + 97, len(x)), x[s:s + 97]) for s in range(0, len(x), 97)])
+    fallback = sum(knn.calls[1:])
+    assert 0 < fallback < len(x) if not smooth else fallback < len(x) // 10  # both paths run
+    q = (x / x.norm(dim=1, keepdim=True) if normalize else x).double()
+    dist = torch.cdist(q, keys.double()) ** 2
+    ref = dist.sort(1)
+    separated = ref.values[:, k] - ref.values[:, k - 1] > 1e-5
+    assert separated.float().mean() > 0.99
+    assert torch.equal(found[separated].sort(1).values, ref.indices[separated, :k].sort(1).values)
+    # nearest first, as the search returns them
+    assert (dist.gather(1, found).diff(dim=1) >= -1e-5).all()
+
+
+def test_bounded_neighbours_leave_small_class_counts_to_the_per_pixel_search():
+    features, keys = torch.randn(1, 4, 3, 3), torch.randn(19, 4)
+    assert bounded_neighbours(features, (12, 12), keys, 7) is None
+
+
+def test_knn_bounded_benchmark_compares_with_the_search_per_label_pixel():
+    compare = _profiling_script("knn_bounded").compare
+    g = torch.Generator().manual_seed(0)
+    emb = torch.nn.functional.avg_pool2d(torch.randn(1, 6, 8, 8, generator=g), 3, 1, 1, count_include_pad=False)
+    row = compare(emb, torch.randn(200, 6, generator=g), (32, 32), 5, [2, 3])
+    assert row["pixels"] == 1024 and row["exact_s"] > 0
+    for key, m in (("m2", 10), ("m3", 15)):
+        cell = row[key]
+        assert cell["m"] == m and cell["differ_and_separated"] == 0 and 0 <= cell["full_search_share"] <= 1
+        assert m <= cell["union_slots"] <= 4 * m and cell["seconds"] > 0

@@ -340,11 +340,29 @@ def test_shared_neighbours_keep_negatives_strict(sets):
     assert (cand[:, 1:].sort(1).values.diff(dim=1) != 0).all()
 
 
+@pytest.mark.parametrize("normalize", [True, False])
+def test_feature_exact_search_gives_the_per_pixel_loss_and_gradients(normalize):
+    g = torch.Generator().manual_seed(5)
+    emb = torch.randn(2, 6, 8, 7, generator=g)
+    emb = (F.avg_pool2d(emb, 3, 1, 1, count_include_pad=False) + torch.randn(2, 6, 1, 1, generator=g)).requires_grad_()
+    class_emb = torch.randn(200, 6, generator=g, requires_grad=True)
+    target = torch.randint(0, 200, (2, 32, 27), generator=g)
+    target[:, 0] = IGNORE_INDEX
+    results = []
+    for knn_at in ("label", "feature_exact"):
+        cfg = MethodConfig(k=5, knn_at=knn_at, normalize=normalize, knn_chunk_mib=1, loss_chunk_mib=1)
+        loss, _ = segmentation_loss({"embeddings": emb, "class_embeddings": class_emb}, target, cfg)
+        results.append((loss, *torch.autograd.grad(loss, [emb, class_emb])))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_method_config_validates_the_new_keys():
 
     assert MethodConfig(name="ess_full").name == "ess_full"
     for bad, match in [({"knn_block": 3}, "knn_block"), ({"knn_at": "stride4"}, "knn_at"),
                        ({"knn_at": "feature", "knn_block": 2}, "alternatives"),
+                       ({"knn_at": "feature_exact", "knn_block": 4}, "alternatives"),
                        ({"variant": "essnet", "knn_block": 2}, "essnet"), ({"loss_chunk_mib": 0}, "loss_chunk_mib")]:
         with pytest.raises(ConfigError, match=match):
             MethodConfig(**bad)

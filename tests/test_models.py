@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from esskit.config import MethodConfig
 from esskit.data import IGNORE_INDEX
 from esskit.errors import ModelError
+from esskit.knn import bounded_neighbours
 from esskit.losses import segmentation_loss
 from esskit.models import build_model, predict_labels
 from esskit.models.deeplab import batchnorm_to_groupnorm
@@ -244,6 +245,35 @@ def test_predict_labels_of_essnet_normalises_before_upsampling():
     raw = {"embeddings": features[:, :2], "class_embeddings": mu}
     assert predict_labels(raw, (1, 3))[0, 0, 1].item() == 0
     assert build_model("resnet18", C, "ess", embed_dim=2).head(features)["unit_at_stride"] is False
+
+
+@pytest.mark.parametrize("flags", [{}, {"normalize": False}, {"unit_at_stride": True}])
+def test_bounded_prediction_is_the_nearest_class_search(flags, monkeypatch):
+    """method.knn_at = "feature_exact" predicts through the bound at stride 4: the same labels as the
+    search per pixel (ignoring fp32 near-ties), in the distance each variant trained."""
+    g = torch.Generator().manual_seed(2)
+    emb = F.avg_pool2d(torch.randn(2, 6, 9, 8, generator=g), 3, 1, 1, count_include_pad=False)
+    if flags.get("unit_at_stride"):
+        emb = F.normalize(emb, dim=1)
+    out = {"embeddings": emb, "class_embeddings": torch.randn(300, 6, generator=g), **flags}
+    exact = predict_labels(out, (35, 31))
+    import esskit.models.heads as heads
+    built = []
+    monkeypatch.setattr(heads, "bounded_neighbours", lambda *a, **kw: built.append(1) or bounded_neighbours(*a, **kw))
+    bounded = predict_labels(out, (35, 31), bounded=True)
+    assert built == [1]
+    up = F.interpolate(emb.double(), size=(35, 31), mode="bilinear", align_corners=False)
+    pix = up.permute(0, 2, 3, 1).reshape(-1, 6)
+    mu = out["class_embeddings"].double()
+    if flags.get("normalize", True):
+        mu = mu / mu.norm(dim=1, keepdim=True)
+        pix = pix if flags.get("unit_at_stride") else pix / pix.norm(dim=1, keepdim=True)
+    ok = _near_tie_free(-torch.cdist(pix, mu) ** 2)
+    assert ok.float().mean() > 0.99
+    assert torch.equal(bounded.reshape(-1)[ok], exact.reshape(-1)[ok])
+    # maps already at label size: the search per pixel, whatever `bounded` says
+    full = {**out, "embeddings": up.float()}
+    assert torch.equal(predict_labels(full, (35, 31), bounded=True), predict_labels(full, (35, 31))) and built == [1]
 
 
 def test_predict_labels_baseline_is_argmax_of_upsampled_logits():

@@ -331,6 +331,17 @@ def test_profile_cli_ess_full_and_large_c_are_flat(tmp_path):
     assert "ESS, full softmax" in (out / "table6.md").read_text()
 
 
+def test_profile_cli_estimates_the_feature_exact_search(tmp_path):
+    """knn_at = "feature_exact" on fake tensors (every union at 4m slots, every pixel counted as
+    searched again): the estimate runs and stays within 10 % of the search per label pixel's."""
+    peaks = {}
+    for at in ("label", "feature_exact"):
+        out = _profile_tiny(tmp_path / at, "--classes", "1284", "--methods", "ess", "--batch", "2",
+                            "--set", "method.knn_chunk_mib=1", "--set", f"method.knn_at={at}")
+        peaks[at] = json.loads((out / "results.json").read_text())["rows"][0]["peak_allocated_mib"]
+    assert peaks["label"] > 0 and abs(peaks["feature_exact"] / peaks["label"] - 1) < 0.1
+
+
 def test_profile_cli_fixed_batch_skips_the_search(tmp_path):
     out = _profile_tiny(tmp_path, "--classes", "19,1284", "--batch", "3")
     rows = json.loads((out / "results.json").read_text())["rows"]
@@ -384,6 +395,25 @@ def test_timed_knn_adds_up_its_calls_and_leaves_the_loss_unchanged():
     assert torch.equal(loss, plain)
     # two searches (pixels' negatives, Eq. 7's nearest classes), each between two synchronisations
     assert len(syncs) == 4 and timed.seconds > 0
+
+
+def test_timed_knn_counts_the_feature_exact_search_whole_and_once(monkeypatch):
+    """knn_at = "feature_exact": its decoder-pixel search, the bound and the label pixels' full
+    searches inside it are one timed span each, not counted twice."""
+    from esskit.losses import segmentation_loss
+    import esskit.profile.step as step
+
+    clock = iter(range(1000))
+    monkeypatch.setattr(step.time, "perf_counter", lambda: next(clock))
+    g = torch.Generator().manual_seed(0)
+    output = {"embeddings": torch.randn(2, 7, 8, 8, generator=g), "class_embeddings": torch.randn(100, 7, generator=g)}
+    target = torch.randint(0, 100, (2, 32, 32), generator=g)
+    cfg = build_config({"method": {"k": 4, "knn_at": "feature_exact", "margin_weight": 0}})
+    syncs = []
+    timed = step.TimedKnn.for_config(cfg, lambda: syncs.append(1))
+    segmentation_loss(output, target, cfg.method, timed)
+    # the build and one lookup: two spans of one clock tick, two synchronisations each
+    assert timed.seconds == 2 and len(syncs) == 4
 
 
 def test_profile_saves_each_finished_cell_so_a_cut_short_run_keeps_them(tmp_path, monkeypatch):

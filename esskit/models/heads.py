@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from esskit.knn import DEFAULT_CHUNK_BYTES, knn_exact
+from esskit.knn import DEFAULT_CHUNK_BYTES, bounded_neighbours, knn_exact
 from esskit.losses import pixels_last, upsample
 
 
@@ -50,18 +50,24 @@ class EmbeddingHead(nn.Module):
 
 
 @torch.no_grad()
-def predict_labels(output: dict, size, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> torch.Tensor:
+def predict_labels(output: dict, size, chunk_bytes: int = DEFAULT_CHUNK_BYTES, bounded: bool = False) -> torch.Tensor:
     """Per-pixel class ids [B, H, W] at `size`: argmax for the baseline, nearest class embedding
     for ESS (exact search in distance blocks of `chunk_bytes`, method.knn_chunk_mib; no [pixels, C]
-    tensor), in the distance its loss trained."""
+    tensor), in the distance its loss trained. `bounded` (method.knn_at = "feature_exact") searches
+    at the embeddings' own resolution and proves each pixel's nearest class (`bounded_neighbours`;
+    exact, as the search per pixel)."""
     if "logits" in output:
         return upsample(output["logits"].float(), size).argmax(1)
-    emb = upsample(output["embeddings"].float(), size)
+    coarse = output["embeddings"].float()
+    emb = upsample(coarse, size)
     b, _, h, w = emb.shape
     x, mu = pixels_last(emb), output["class_embeddings"].float()
-    if output.get("unit_at_stride", False):  # essnet_loss: upsampled unit vectors, not renormalised
-        mu = F.normalize(mu, dim=1)
-    elif output.get("normalize", True):
-        x, mu = F.normalize(x, dim=1), F.normalize(mu, dim=1)
-    _, idx = knn_exact(x, mu, 1, chunk_bytes)
+    unit_pixels = output.get("normalize", True) and not output.get("unit_at_stride", False)
+    if output.get("normalize", True) or output.get("unit_at_stride", False):
+        mu = F.normalize(mu, dim=1)  # essnet_loss: upsampled unit vectors, not renormalised
+    shared = (bounded_neighbours(coarse, (h, w), mu, 1, normalize=unit_pixels, chunk_bytes=chunk_bytes)
+              if bounded and coarse.shape[-2:] != emb.shape[-2:] else None)
+    if shared is not None:
+        return shared.lookup(0, len(x), x).view(b, h, w)
+    _, idx = knn_exact(F.normalize(x, dim=1) if unit_pixels else x, mu, 1, chunk_bytes)
     return idx.view(b, h, w)

@@ -92,25 +92,33 @@ class TimedKnn:
     of the forward queued before it."""
 
     def __init__(self, knn, sync: Callable[[], None] | None = None):
-        self.knn, self.sync, self.seconds = knn, sync, 0.0
+        self.knn, self.sync, self.seconds, self._depth = knn, sync, 0.0, 0
         # the fused search's candidate build (search, normalisation and target drop in one kernel) is timed whole
         self.candidates = None if getattr(knn, "candidates", None) is None else self._candidates
 
-    def _timed(self, fn, *args):
+    def timed(self, fn, *args):
+        """fn(*args), its time added; the losses time shared neighbour lists' work through it. A
+        search called inside is counted once, in the outer call."""
+        if self._depth:
+            return fn(*args)
         if self.sync:
             self.sync()
         start = time.perf_counter()
-        out = fn(*args)
+        self._depth += 1
+        try:
+            out = fn(*args)
+        finally:
+            self._depth -= 1
         if self.sync:
             self.sync()
         self.seconds += time.perf_counter() - start
         return out
 
     def __call__(self, queries, keys, k):
-        return self._timed(self.knn, queries, keys, k)
+        return self.timed(self.knn, queries, keys, k)
 
     def _candidates(self, *args):
-        return self._timed(self.knn.candidates, *args)
+        return self.timed(self.knn.candidates, *args)
 
     @classmethod
     def for_config(cls, cfg: Config, sync: Callable[[], None] | None = None) -> "TimedKnn":
@@ -130,4 +138,5 @@ def training_step(model, optimizer, images: torch.Tensor, target: torch.Tensor, 
 @torch.no_grad()
 def inference_step(model, images: torch.Tensor, amp: MixedPrecision, cfg: Config) -> torch.Tensor:
     """Forward and per-pixel labels, as `esskit.engine.evaluate` predicts."""
-    return predict_labels(amp.forward(model, images), images.shape[-2:], cfg.method.knn_chunk_bytes)
+    return predict_labels(amp.forward(model, images), images.shape[-2:], cfg.method.knn_chunk_bytes,
+                          cfg.method.bounded_search)
