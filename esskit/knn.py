@@ -254,7 +254,10 @@ class BoundedNeighbours:
         pad = ids == self.keys.shape[0]
         ids = ids.masked_fill(pad, 0)
         mu, corners = self.keys.float(), self.features[_cell_corners(cells, self.grid, self.ids.device)]
-        s = torch.baddbmm(-mu.pow(2).sum(1)[ids][:, None, :], corners, mu[ids].transpose(1, 2), alpha=2)
+        # unit keys (normalize): rank by 2 x.mu alone; a -|mu|^2 ~ -1 term would round the score
+        # differences, ~|x| and small when the raw embeddings are, at fp32's absolute 1e-7
+        sq = torch.zeros_like(mu[:, 0]) if self.normalize else mu.pow(2).sum(1)
+        s = torch.baddbmm(-sq[ids][:, None, :], corners, mu[ids].transpose(1, 2), alpha=2)
         s.masked_fill_(pad[:, None, :], _PAD_SCORE)
         return torch.cat([s, self.bounds[cells, :, None]], 2)
 
@@ -296,6 +299,8 @@ def bounded_neighbours(features: torch.Tensor, label_size, keys: torch.Tensor, k
     f_sq = f.pow(2).sum(1)
     # b_i = |f|^2 - dist to the (m+1)-th, plus a slack far above fp32 rounding of these scores
     bound = f_sq - dist[:, m] + 1e-5 * (1 + f_sq.sqrt()).pow(2)
+    if normalize:  # the scores leave out |mu|^2 (unit keys: 1 up to rounding, far below the slack)
+        bound += keys.float().pow(2).sum(1)[idx[:, m]]
     height, width = label_size
     cells = batch * h * w
     lists = idx.new_empty(cells, 4 * m, dtype=torch.int32)

@@ -266,6 +266,23 @@ def test_bounded_neighbours_are_each_label_pixels_exact_lists(normalize, smooth)
     assert (dist.gather(1, found).diff(dim=1) >= -1e-5).all()
 
 
+def test_bounded_neighbours_stay_exact_for_tiny_raw_embeddings():
+    """normalize ranks unit x: raw norms ~1e-3 (the norm is not trained) must not round the scores
+    in U (a -|mu|^2 ~ -1 term did: 9 of 8179 pixels wrong)."""
+    g = torch.Generator().manual_seed(1)
+    emb = 1e-3 * torch.nn.functional.avg_pool2d(torch.randn(2, 4, 16, 16, generator=g), 3, 1, 1,
+                                                count_include_pad=False)
+    keys = torch.nn.functional.normalize(torch.randn(300, 4, generator=g), dim=1)
+    shared = bounded_neighbours(emb, (64, 64), keys, 9, None, True)
+    up = torch.nn.functional.interpolate(emb.double(), (64, 64), mode="bilinear", align_corners=False)
+    x = up.permute(0, 2, 3, 1).reshape(-1, 4)
+    found = shared.lookup(0, len(x), x.float())
+    ref = (torch.cdist(x / x.norm(dim=1, keepdim=True), keys.double()) ** 2).sort(1)
+    separated = ref.values[:, 9] - ref.values[:, 8] > 1e-5
+    assert separated.float().mean() > 0.99
+    assert torch.equal(found[separated].sort(1).values, ref.indices[separated, :9].sort(1).values)
+
+
 def test_bounded_neighbours_leave_small_class_counts_to_the_per_pixel_search():
     features, keys = torch.randn(1, 4, 3, 3), torch.randn(19, 4)
     assert bounded_neighbours(features, (12, 12), keys, 7) is None

@@ -276,6 +276,16 @@ def test_bounded_prediction_is_the_nearest_class_search(flags, monkeypatch):
     assert torch.equal(predict_labels(full, (35, 31), bounded=True), predict_labels(full, (35, 31))) and built == [1]
 
 
+def test_bounded_prediction_keeps_the_chunk_budget(monkeypatch):
+    import esskit.knn as knn
+    seen, blocks = [], knn._knn_blocks
+    monkeypatch.setattr(knn, "_knn_blocks", lambda q, keys, k, chunk: seen.append(chunk) or blocks(q, keys, k, chunk))
+    g = torch.Generator().manual_seed(0)
+    out = {"embeddings": torch.randn(1, 4, 16, 16, generator=g), "class_embeddings": torch.randn(300, 4, generator=g)}
+    predict_labels(out, (64, 64), 2**16, bounded=True)
+    assert seen and set(seen) == {2**16}
+
+
 def test_predict_labels_baseline_is_argmax_of_upsampled_logits():
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(2, C, 8, 8, generator=g, dtype=torch.float64)
