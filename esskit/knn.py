@@ -189,8 +189,8 @@ def _first_tap(i: int, out_size: int, in_size: int) -> int:
 
 # Keys kept per decoder pixel for knn_at = "feature_exact", as a multiple of the k+1 searched (m = 18 at
 # k = 8). CPU, C = 1284, against the search per label pixel: x3.3-3.7 on a synthetic run trained 150
-# steps (2.4 % of its pixels need the full search); x1.1-1.2 at the profiler's random-init cell,
-# where 35 % do (x1.7 at 3(k+1)). profiling/README.md, "An exact search at the decoder's stride".
+# steps (2.4 % of its pixels need the full search); x1.4 at the profiler's random-init cell, where
+# 35 % do (x1.5 at 3(k+1)). profiling/README.md, "An exact search at the decoder's stride".
 BOUNDED_CANDIDATES_PER_K = 2
 # Unions are padded to the count that covers all but UNION_CUT of the cells; the pixels of the cells
 # with more ids get the full search: padding every cell to the longest union cost more than that.
