@@ -240,6 +240,19 @@ def test_ade20k_zero_is_ignore_and_shift(tmp_path):
         DATASETS["ade20k"](cfg, "test")
 
 
+def test_a_stored_value_of_no_class_names_the_mask(tmp_path):
+    """ADE20k's C is fixed: value 152 (train id 151) must name the file, not advise data.num_classes."""
+    make_ade20k(tmp_path)
+    values = bands(ADE20K_VALUES)
+    values[0, 0] = 152
+    grey(tmp_path / "annotations" / "training" / "ADE_train_00000002.png", values)
+    ds = DATASETS["ade20k"](data_cfg(name="ade20k", root=str(tmp_path), num_classes=150), "train")
+    ds[0]
+    with pytest.raises(DataError, match=r"ADE_train_00000002\.png holds value 152, which is no class of this "
+                                        r"dataset's 150"):
+        ds[1]
+
+
 # ----------------------------------------------------------------------------------- COCO-Stuff10k
 
 COCOSTUFF_VALUES, COCOSTUFF_TRAIN = [0, 1, 182, 165], [IGN, 0, 181, 164]  # unlabeled, person, wood, table

@@ -151,4 +151,9 @@ class PairDataset(torch.utils.data.Dataset):
             value = int(raw.min() if raw.min() < 0 else raw.max())
             raise DataError(f"mask {self.masks[index]} holds value {value}, outside the dataset's "
                             f"stored range 0..{len(self.lut) - 1}")
-        return image, torch.from_numpy(self.lut[raw])
+        labels = self.lut[raw]
+        if labels.size and labels.max() >= len(self.class_names):  # a stored value no class of this dataset has
+            value = int(raw[labels >= len(self.class_names)][0])
+            raise DataError(f"mask {self.masks[index]} holds value {value}, which is no class of this dataset's "
+                            f"{len(self.class_names)} (not its official label format): fix or drop that mask")
+        return image, torch.from_numpy(labels)
