@@ -504,3 +504,38 @@ def test_an_out_folder_of_another_grid_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"--out .*classes \[19, 150\] here, \[1000\] now"):
         check_out_dir(tmp_path, {**settings, "classes": [1000]})
     check_out_dir(tmp_path / "new", settings)  # no results yet
+
+
+# `esskit profile` review: small C for methods without k, --classes 1, FAISS on the estimate, --out of
+# another experiment
+
+REVIEW_TINY = ["profile", "--device", "meta", "--backbone", "resnet18", "--crop", "64", "--budget-gib", "0.35",
+        "--max-batch", "1"]
+
+
+@pytest.mark.parametrize("method", ["baseline", "ess_full"])
+def test_methods_without_k_run_at_small_c(tmp_path, method):
+    # method.k (8) only constrains ess cells; baseline / ess_full at C = 5 are valid
+    result = CliRunner().invoke(app, [*REVIEW_TINY, "--classes", "5", "--methods", method, "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+
+
+def test_classes_below_two_names_the_flag(tmp_path):
+    result = CliRunner().invoke(app, [*REVIEW_TINY, "--classes", "1", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "--classes" in result.output, result.output
+
+
+def test_faiss_knn_on_the_estimate_is_one_line(tmp_path):
+    result = CliRunner().invoke(app, [*REVIEW_TINY, "--classes", "19", "--methods", "ess", "--set", "method.knn=faiss",
+                                      "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "method.knn" in result.output, (result.exit_code, result.output[-300:])
+
+
+def test_out_of_another_experiment_is_refused(tmp_path):
+    options = [*REVIEW_TINY, "--classes", "19", "--methods", "baseline", "--out", str(tmp_path)]
+    assert CliRunner().invoke(app, options).exit_code == 0
+    before = (tmp_path / "results.json").read_text()
+    result = CliRunner().invoke(app, [*options, "--set", "model.norm=gn"])
+    assert result.exit_code == 2 and "another profile" in result.output, result.output
+    assert (tmp_path / "results.json").read_text() == before
+    assert CliRunner().invoke(app, options).exit_code == 0  # the same command again: fine

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from esskit.config import Config, load_config
+from esskit.config import Config, config_to_dict, load_config
 from esskit.errors import ConfigError
 from esskit.models.deeplab import create_backbone
 from esskit.profile.report import LiveTable, write_results
@@ -50,7 +50,13 @@ def parse_crop(text: str) -> tuple[int, int]:
 def load_base(recipe: Path | None, overrides: list[str], classes: str | None = None) -> tuple[Config, set[str]]:
     """The recipe (or the defaults) with --set applied, and the section.key names they set. With
     --classes, C is checked as the largest of them (each cell's config is checked at its own C)."""
-    largest = [f"data.num_classes={max(parse_ints(classes, '--classes'))}"] if classes is not None else []
+    largest = []
+    if classes is not None:
+        counts = parse_ints(classes, "--classes")
+        if min(counts) < 2:
+            raise ConfigError(f"--classes {classes}: give class counts >= 2, e.g. --classes 19,150,1284")
+        # method.k < C binds ess cells only; run_profile checks each (method, C) cell's own config
+        largest = [f"data.num_classes={max(counts)}", "method.name=baseline"]
     cfg = load_config(recipe, overrides + largest)  # validates, with errors that name the key
     keys = {text.split("=", 1)[0].strip() for text in overrides}
     if recipe is not None:
@@ -78,7 +84,7 @@ def default_out_dir(spec: ProfileSpec) -> Path:
 # settings that make a results folder another experiment (torch, date, wall time do not)
 GRID_KEYS = ("backbone", "crop", "precision", "budget_gib", "classes", "methods", "batch", "source",
              "max_batch_limit", "embed_dim", "k", "knn_chunk_mib", "loss_chunk_mib", "knn_at", "knn_block", "knn",
-             "loss_kernel")
+             "loss_kernel", "config")
 
 
 def check_out_dir(out_dir: Path, settings: dict) -> None:
@@ -130,6 +136,9 @@ def run_profile(spec: ProfileSpec, out_dir: Path) -> list[dict]:
         "knn_chunk_mib": spec.base.method.knn_chunk_mib, "loss_chunk_mib": spec.base.method.loss_chunk_mib,
         "knn_at": spec.base.method.knn_at, "knn_block": spec.base.method.knn_block,
         "knn": spec.base.method.knn, "loss_kernel": spec.base.method.loss_kernel,
+        # the rest of the step's settings (model.norm, method.margin_weight, optim, ...): another experiment
+        "config": {section: values for section, values in config_to_dict(spec.base).items()
+                   if section in ("model", "method", "optim")},
         "torch": torch.__version__, "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(["esskit", *sys.argv[1:]]),

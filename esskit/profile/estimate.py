@@ -169,6 +169,9 @@ def estimate_training_peak(cfg: Config, batch: int, steps: int = 2, cap_bytes: i
 
 
 def _replay(cfg: Config, batch: int, steps: int, cap_bytes: int | None) -> MemoryEstimate:
+    if cfg.method.knn == "faiss" and cfg.method.name != "baseline":
+        raise EstimateError("method.knn = 'faiss' reads tensor values, which the fake-tensor estimate has none of; "
+                            "estimate with method.knn = 'torch' or measure with --device cuda")
     try:
         with FakeTensorMode(), MemoryTracker(cap=cap_bytes) as tracker:
             model, optimizer = build_training(cfg, "cpu")

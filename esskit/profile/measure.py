@@ -200,9 +200,12 @@ class CudaMeasurer:
     def extra(self, cfg: Config, batch: int, tried: int | None = None) -> dict:
         """Times at `batch` (the max batch or --batch; 0: none ran), and the fake-tensor estimate at
         the same batch, or at `tried` when none ran, for comparison (reserved and allocated)."""
-        estimate = estimate_training_peak(cfg, batch or tried or 1, cap_bytes=self.budget_bytes)
-        row = {"estimated_peak_mib": round(estimate.peak_bytes / MIB, 1),
-               "estimated_peak_allocated_mib": round(estimate.peak_allocated_bytes / MIB, 1)}
+        if cfg.method.knn == "faiss" and cfg.method.name != "baseline":  # FAISS reads values fake tensors lack
+            row = {"estimated_peak_mib": None, "estimated_peak_allocated_mib": None}
+        else:
+            estimate = estimate_training_peak(cfg, batch or tried or 1, cap_bytes=self.budget_bytes)
+            row = {"estimated_peak_mib": round(estimate.peak_bytes / MIB, 1),
+                   "estimated_peak_allocated_mib": round(estimate.peak_allocated_bytes / MIB, 1)}
         if batch == 0:
             return row
         release_memory(self.device)
