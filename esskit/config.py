@@ -411,7 +411,10 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         section, name, literal, value = _parse_override(text)
         if section in classes and typing.get_type_hints(classes[section]).get(name) is str:
             value = value if isinstance(value, str) else literal  # data.val_split=2017
-        raw.setdefault(section, {})[name] = value
+        table = raw.setdefault(section, {})
+        if not isinstance(table, dict):  # `method = 1` in the recipe: build_config's error, not a TypeError
+            raise ConfigError(f"{source}: [{section}] must be a table of key = value")
+        table[name] = value
     if overrides:
         source += " with --set " + " ".join(overrides)
     return build_config(raw, source)

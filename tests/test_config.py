@@ -353,3 +353,10 @@ def test_save_config_is_atomic(tmp_path, monkeypatch):
     save_config(Config(), tmp_path / "config.toml")
     assert [p for p, _ in written] == [tmp_path / "config.toml"] and not (tmp_path / "config.toml").exists()
     assert build_config(tomllib.loads(written[0][1])) == Config()
+
+
+def test_set_into_a_section_that_is_not_a_table_is_a_config_error(tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text("method = 1\n")
+    with pytest.raises(ConfigError, match=r"\[method\] must be a table"):
+        load_config(recipe, ["method.k=3"])
