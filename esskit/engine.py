@@ -85,8 +85,9 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict | None:
     scheduler = build_scheduler(optimizer, cfg.train.steps, cfg.optim.warmup_steps)
     train_set = build_split(cfg, "train_split", train=True)
     val_set = build_split(cfg, "val_split", train=False)  # now, so that a bad val_split fails before training
-    if len(train_set) < cfg.train.batch_size * accelerator.num_processes:
-        raise ConfigError(f"train.batch_size = {cfg.train.batch_size} is larger than the training set "
+    if len(train_set) < (needed := cfg.train.batch_size * accelerator.num_processes):
+        per = f" x {accelerator.num_processes} processes = {needed}" if accelerator.num_processes > 1 else ""
+        raise ConfigError(f"train.batch_size = {cfg.train.batch_size}{per} is larger than the training set "
                           f"({len(train_set)} images)")
     sampler = EpochSampler(len(train_set), cfg.train.seed)
     loader = DataLoader(train_set, cfg.train.batch_size, sampler=sampler, drop_last=True,

@@ -246,3 +246,12 @@ def test_resume_mid_epoch_continues_the_data_order_on_a_sharded_loader():
     straight = batches(0, 6)
     for start in range(1, 6):
         assert batches(start, 6 - start) == straight[start:], start
+
+
+def test_two_process_batch_larger_than_training_set_names_the_processes(tmp_path):
+    # 3 images, batch 2 per process: 2 x 2 = 4 > 3 (the message said "2 is larger than 3 images")
+    proc = run([str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "esskit", "train", str(RECIPE),
+                "--out", str(tmp_path / "run"), *sets(TINY + ["data.synthetic_train_size=3"])], check=False)
+    assert proc.returncode != 0
+    assert "train.batch_size = 2 x 2 processes = 4 is larger than the training set (3 images)" in proc.stderr
