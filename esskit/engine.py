@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import set_seed
+from accelerate.utils import load as load_file, set_seed
 from safetensors import SafetensorError
 from torch.utils.data import DataLoader, Dataset, Subset
 
@@ -106,6 +106,14 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict | None:
                               f"has {accelerator.num_processes}; the effective batch and each process's place in "
                               f"the data order depend on it: launch {writers} (accelerate launch --num_processes "
                               f"{writers})")
+        # accelerate's load_state swallows any error reading this process's RNG states and resumes
+        # with fresh ones, silently: read them first
+        rng_states = checkpoint / f"random_states_{accelerator.process_index}.pkl"
+        try:
+            if rng_states.exists():
+                load_file(rng_states)
+        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+            raise damaged(checkpoint, ValueError(f"{rng_states.name} cannot be read: {type(e).__name__}")) from None
         try:
             accelerator.load_state(str(checkpoint))
         except (OSError, SafetensorError, RuntimeError, EOFError, pickle.UnpicklingError) as e:  # truncated files

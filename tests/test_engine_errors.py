@@ -270,6 +270,18 @@ def test_damaged_or_renamed_checkpoints(tmp_path):
                    "is damaged (trainer_state.json: Expecting value", "no older checkpoint")
 
 
+@pytest.mark.parametrize("content", [b"", b"garbage\n"])
+def test_unreadable_rng_states_refuse_the_resume(tmp_path, content):
+    """accelerate's load_state resumes with fresh RNG states when it cannot read them, silently (random
+    negatives, dropout and the like would then not continue the run): a damaged-checkpoint error."""
+    run = tmp_path / "run"
+    assert train(run, "train.save_every=1", "train.steps=2").exit_code == 0
+    (run / "checkpoint-00000002" / "random_states_0.pkl").write_bytes(content)
+    one_line_error(esskit("train", str(RECIPE), "--resume", str(run), overrides=TINY + ["train.steps=3"]),
+                   f"checkpoint {run / 'checkpoint-00000002'} is damaged (random_states_0.pkl cannot be read",
+                   f"move it aside to use {run / 'checkpoint-00000001'}")
+
+
 def test_a_failed_save_is_one_line_and_frees_its_space(tmp_path, monkeypatch):
     import accelerate
 
