@@ -168,8 +168,13 @@ def estimate_training_peak(cfg: Config, batch: int, steps: int = 2, cap_bytes: i
         return MemoryEstimate(estimate.peak_bytes, estimate.peak_allocated_bytes, fits=False)
 
 
+def reads_tensor_values(cfg: Config) -> bool:
+    """The step needs real tensor values (FAISS copies them to numpy): no fake-tensor estimate."""
+    return cfg.method.knn == "faiss" and cfg.method.name != "baseline"
+
+
 def _replay(cfg: Config, batch: int, steps: int, cap_bytes: int | None) -> MemoryEstimate:
-    if cfg.method.knn == "faiss" and cfg.method.name != "baseline":
+    if reads_tensor_values(cfg):
         raise EstimateError("method.knn = 'faiss' reads tensor values, which the fake-tensor estimate has none of; "
                             "estimate with method.knn = 'torch' or measure with --device cuda")
     try:

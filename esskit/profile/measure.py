@@ -21,7 +21,7 @@ import torch
 
 from esskit.config import Config
 from esskit.errors import EsskitError, is_batchnorm_one_value
-from esskit.profile.estimate import Estimator, estimate_training_peak
+from esskit.profile.estimate import Estimator, estimate_training_peak, reads_tensor_values
 from esskit.profile.search import BATCHNORM_FAILURE, GIB, MIB, Trial
 from esskit.profile.step import (MixedPrecision, TimedKnn, build_training, inference_step, synthetic_batch,
                                  training_step)
@@ -200,7 +200,7 @@ class CudaMeasurer:
     def extra(self, cfg: Config, batch: int, tried: int | None = None) -> dict:
         """Times at `batch` (the max batch or --batch; 0: none ran), and the fake-tensor estimate at
         the same batch, or at `tried` when none ran, for comparison (reserved and allocated)."""
-        if cfg.method.knn == "faiss" and cfg.method.name != "baseline":  # FAISS reads values fake tensors lack
+        if reads_tensor_values(cfg):
             row = {"estimated_peak_mib": None, "estimated_peak_allocated_mib": None}
         else:
             estimate = estimate_training_peak(cfg, batch or tried or 1, cap_bytes=self.budget_bytes)
