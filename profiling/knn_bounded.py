@@ -21,13 +21,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from esskit.config import build_config
 from esskit.data import build_dataset
 from esskit.knn import bounded_neighbours, knn_exact
 from esskit.losses import pixels_last, upsample
 from esskit.predict import load_run
 from esskit.profile.measure import cpu_name
-from esskit.profile.step import build_training, cell_config, synthetic_batch
+from knn_verify_study import profiler_cell  # profiling/, this script's folder
 
 
 TIE = 1e-5  # float64 distance gaps below this are fp32 near-ties (as tests/test_knn.py separates them)
@@ -84,11 +83,7 @@ def _bounded(emb, size, mu, kk, x, exact, exact_s, multiple) -> dict:
 
 
 def init_cell(classes: int, crop: int, backbone: str, kk: int, multiples: list[int]) -> dict:
-    cfg = cell_config(build_config({"model": {"embed_dim": 12}, "method": {"k": kk - 1}}), method="ess",
-                      num_classes=classes, backbone=backbone, crop=(crop, crop), precision="no")
-    model, _ = build_training(cfg, "cpu")
-    images, target = synthetic_batch(cfg, 1, "cpu")
-    out = model.train()(images)
+    out, target = profiler_cell(classes, crop, backbone, kk)
     return {"source": f"esskit profile's cell: {backbone} random init, noise image {crop}², C = {classes}, d = 12",
             "k+1": kk, **compare(out["embeddings"], out["class_embeddings"], target.shape[-2:], kk, multiples)}
 

@@ -73,13 +73,19 @@ def pass_rates(emb: torch.Tensor, size, mu: torch.Tensor, keep: torch.Tensor, kk
     return out
 
 
-def init_cell(classes: int, crop: int, backbone: str, kk: int, candidates: list[int]) -> dict:
+@torch.no_grad()
+def profiler_cell(classes: int, crop: int, backbone: str, kk: int) -> tuple[dict, torch.Tensor]:
+    """The output and target of `esskit profile`'s cell: a random-init model (train mode), one noise
+    image, d = 12, k = kk - 1."""
     cfg = cell_config(build_config({"model": {"embed_dim": 12}, "method": {"k": kk - 1}}), method="ess",
                       num_classes=classes, backbone=backbone, crop=(crop, crop), precision="no")
     model, _ = build_training(cfg, "cpu")
     images, target = synthetic_batch(cfg, 1, "cpu")
-    with torch.no_grad():
-        out = model(images)
+    return model(images), target
+
+
+def init_cell(classes: int, crop: int, backbone: str, kk: int, candidates: list[int]) -> dict:
+    out, target = profiler_cell(classes, crop, backbone, kk)
     mu = F.normalize(out["class_embeddings"].float(), dim=1)
     keep = target.reshape(-1) != IGNORE_INDEX
     return {"source": f"esskit profile's cell: {backbone} random init, noise image {crop}², C = {classes}, d = 12",
