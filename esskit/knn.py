@@ -227,6 +227,10 @@ class BoundedNeighbours:
     def lookup(self, start: int, stop: int, queries: torch.Tensor) -> torch.Tensor:
         """[stop - start, k] key ids, nearest first, of label pixels start..stop-1 (`pixels_last`
         order), whose upsampled embeddings are `queries` (for the full search where needed)."""
+        if getattr(self.knn, "fused", None) is not None and self.knn.fused(queries, self.k):  # one kernel
+            from esskit.knn_bounded_triton import bounded_lookup_triton
+            found, proved = bounded_lookup_triton(self, queries, start)
+            return self._redo(found.long(), [proved], queries)
         (_, _, w), width = self.grid, self.cols[0].shape[0]
         slots, d = self.ids.shape[1] + 1, self.features.shape[1]
         # a label row's temporaries: 3 x [W, L+1] at its pixels, [w, 4 + 2, L+1] and [w, L, d] at its cells
@@ -239,9 +243,11 @@ class BoundedNeighbours:
             found.append(ids)
             proved.append(ok)
             r0 = r1
-        found = torch.cat(found)
-        # one full search for the pixels the bound did not prove (one GPU sync per call); fake tensors
-        # (the profiler's estimate) count every pixel, an upper bound
+        return self._redo(torch.cat(found), proved, queries)
+
+    def _redo(self, found: torch.Tensor, proved: list[torch.Tensor], queries: torch.Tensor) -> torch.Tensor:
+        """One full search for the pixels the bound did not prove (one GPU sync per call); fake
+        tensors (the profiler's estimate) count every pixel, an upper bound."""
         redo = torch.arange(len(found), device=found.device) if is_fake(found) else (~torch.cat(proved)).nonzero()[:, 0]
         if len(redo):
             q = queries[redo].float()

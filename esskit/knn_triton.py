@@ -252,6 +252,13 @@ class FusedSearch:
     def __call__(self, queries: torch.Tensor, keys: torch.Tensor, k: int):
         return (knn_triton if self.fused(queries, k) else self.fallback)(queries, keys, k)
 
-    def candidates(self, x: torch.Tensor, mu: torch.Tensor, target: torch.Tensor, k: int,
-                   normalize: bool) -> torch.Tensor | None:
-        return candidates_triton(x, mu, target, k, normalize) if self.fused(x, k + 1) else None
+    def candidates(self, x: torch.Tensor, mu: torch.Tensor, target: torch.Tensor, k: int, normalize: bool,
+                   neighbours=None) -> torch.Tensor | None:
+        """Eq. 6's candidates, searched per pixel or, with `neighbours` (a `knn.BoundedNeighbours`,
+        method.knn_at = "feature_exact"), looked up and proven in one kernel."""
+        if not self.fused(x, k + 1):
+            return None
+        if neighbours is None:
+            return candidates_triton(x, mu, target, k, normalize)
+        from esskit.knn_bounded_triton import bounded_candidates_triton
+        return bounded_candidates_triton(neighbours, x, target, k, normalize)

@@ -75,11 +75,12 @@ def ess_candidates(x: torch.Tensor, mu: torch.Tensor, target: torch.Tensor, k: i
     negatives (Eq. 6), built `rows` pixels at a time so the kNN outputs stay chunk-sized.
 
     `neighbours` replaces the per-pixel search by one shared per feature pixel or pixel block. A
-    search with `candidates` (the fused kernel's) builds them all in one pass where it runs.
+    search with `candidates` (the fused kernel's) builds them all in one pass where it runs, per
+    pixel or from `BoundedNeighbours` (exact, as per pixel).
     """
     fused = getattr(knn, "candidates", None)
-    if negatives == "nearest" and neighbours is None and fused is not None:
-        cand = fused(x, mu, target, k, normalize)
+    if negatives == "nearest" and fused is not None and not isinstance(neighbours, GridNeighbours):
+        cand = fused(x, mu, target, k, normalize, neighbours)
         if cand is not None:
             return cand
     n = x.shape[0]

@@ -183,8 +183,8 @@ def test_compiled_fused_kernels_match_the_torch_forms_on_cuda():
 
 
 def test_fused_kernels_with_the_shared_searches():
-    """knn_at = "feature" and knn_block = 4 (the GPU run's approximate cells) through the fused kNN
-    and Eq. 6 kernels give the torch path's loss and gradients."""
+    """knn_at = "feature" and knn_block = 4 (the GPU run's approximate cells) and "feature_exact" (its
+    bounded lookup kernel) through the fused kNN and Eq. 6 kernels give the torch path's loss and gradients."""
     result = _interpreted("""
         import dataclasses
         import torch
@@ -196,7 +196,7 @@ def test_fused_kernels_with_the_shared_searches():
         emb, mu = torch.randn(2, 6, 4, 4, generator=g), torch.randn(40, 6, generator=g)
         target = torch.randint(0, 40, (2, 16, 16), generator=g)
         target[0, :3] = -1
-        for share in ({"knn_at": "feature"}, {"knn_block": 4}):
+        for share in ({"knn_at": "feature"}, {"knn_block": 4}, {"knn_at": "feature_exact"}):
             runs = []
             for kernel in ("torch", "triton"):
                 cfg = dataclasses.replace(MethodConfig(), k=5, knn=kernel, loss_kernel=kernel, **share)

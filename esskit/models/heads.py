@@ -65,7 +65,7 @@ def predict_labels(output: dict, size, chunk_bytes: int = DEFAULT_CHUNK_BYTES, b
     unit_pixels = output.get("normalize", True) and not output.get("unit_at_stride", False)
     if output.get("normalize", True) or output.get("unit_at_stride", False):
         mu = F.normalize(mu, dim=1)  # essnet_loss: upsampled unit vectors, not renormalised
-    shared = (bounded_neighbours(coarse, (h, w), mu, 1, knn_backend("torch", chunk_bytes), unit_pixels, chunk_bytes)
+    shared = (bounded_neighbours(coarse, (h, w), mu, 1, knn_backend("auto", chunk_bytes), unit_pixels, chunk_bytes)
               if bounded and coarse.shape[-2:] != emb.shape[-2:] else None)
     if shared is not None:
         return shared.lookup(0, len(x), x).view(b, h, w)

@@ -95,6 +95,7 @@ class TimedKnn:
         self.knn, self.sync, self.seconds, self._depth = knn, sync, 0.0, 0
         # the fused search's candidate build (search, normalisation and target drop in one kernel) is timed whole
         self.candidates = None if getattr(knn, "candidates", None) is None else self._candidates
+        self.fused = getattr(knn, "fused", None)  # whether its kernels run (BoundedNeighbours.lookup asks)
 
     def timed(self, fn, *args):
         """fn(*args), its time added; the losses time shared neighbour lists' work through it. A
