@@ -28,11 +28,11 @@ from esskit.profile.step import MixedPrecision, build_training, cell_config, syn
 
 def step_table(method: str, classes: int, batch: int, crop: int, steps: int = 3, rows: int = 25,
                backbone: str = "resnet50", device: str = "cuda", knn: str = "torch",
-               loss_kernel: str = "torch") -> str:
+               loss_kernel: str = "torch", knn_at: str = "label") -> str:
     """The profiler's table of `steps` training steps after two warm-up steps, by own GPU time."""
-    cfg = cell_config(build_config({"method": {"knn": knn, "loss_kernel": loss_kernel}}), method=method,
-                      num_classes=classes, backbone=backbone, crop=(crop, crop),
-                      precision="no")
+    method_keys = {"knn": knn, "loss_kernel": loss_kernel, "knn_at": knn_at}
+    cfg = cell_config(build_config({"method": method_keys}), method=method, num_classes=classes,
+                      backbone=backbone, crop=(crop, crop), precision="no")
     model, optimizer = build_training(cfg, device)
     amp = MixedPrecision("no", device)
     images, target = synthetic_batch(cfg, batch, device)
@@ -118,7 +118,8 @@ def knn_rows(classes: list[int], k: int, n: int = 8 * 512 * 512, d: int = 12,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cells", default="ess:19,ess:1284,ess_full:1284,baseline:19",
-                        help="method:C[:knn[:loss_kernel]] cells to profile (default torch:torch; '' skips them)")
+                        help="method:C[:knn[:loss_kernel[:knn_at]]] cells to profile (default torch:torch:label; "
+                        "'' skips them)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--crop", type=int, default=512)
     parser.add_argument("--selection-classes", default="19,150,1284,10000,100000")
@@ -144,8 +145,8 @@ def main() -> None:
     tables = []
     for cell in filter(None, args.cells.split(",")):  # '' skips the step tables
         method, classes, *kernels = cell.split(":")
-        kernels += ["torch"] * (2 - len(kernels))
-        table = step_table(method, int(classes), args.batch, args.crop, knn=kernels[0], loss_kernel=kernels[1])
+        knn, loss_kernel, knn_at = kernels + ["torch", "torch", "label"][len(kernels):]
+        table = step_table(method, int(classes), args.batch, args.crop, knn=knn, loss_kernel=loss_kernel, knn_at=knn_at)
         torch.cuda.empty_cache()
         tables.append(f"## {cell}, batch {args.batch}, {args.crop}², fp32\n\n```\n{table}\n```\n")
         write_atomic(args.out / "steps.md",

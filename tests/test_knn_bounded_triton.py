@@ -116,7 +116,8 @@ def test_bounded_kernels_compile_for_hopper():
     assert compile_for_hopper(_corner_scores_kernel, {**signature, **dict.fromkeys(constants, "constexpr")},
                               constants).asm["cubin"]
     signature = {"s_ptr": "*fp32", "t_ptr": "*i64", "ids_ptr": "*i32", "bounds_ptr": "*fp32", "row_first_ptr": "*i32",
-                 "row_w_ptr": "*fp32", "col_first_ptr": "*i32", "col_w_ptr": "*fp32", "out_ptr": "*i32", "ok_ptr": "*i8",
+                 "row_w_ptr": "*fp32", "col_first_ptr": "*i32", "col_w_ptr": "*fp32", "out_ptr": "*i32",
+                 "ok_ptr": "*i8",
                  **dict.fromkeys(["n", "start", "cell0", "H", "W", "h", "w", "L", "C"], "i32")}
     for has_target, kk, lp, block_n in ((True, 8, 128, 8), (False, 9, 64, 16), (False, 1, 32, 32)):
         constants = {"LP": lp, "KK": kk, "HAS_TARGET": has_target, "BLOCK_N": block_n}
