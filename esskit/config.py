@@ -70,6 +70,9 @@ class MethodConfig:
     # "label" (paper): a search per label pixel; "feature": one per stride-4 decoder pixel, shared by the
     # pixels it covers (approximate); "feature_exact": one per decoder pixel, exact per label pixel (a bound)
     knn_at: str = "label"
+    # "feature_exact": classes kept per decoder pixel, as a multiple of the k+1 searched (m = 18 at k = 8 and 2):
+    # more prove more label pixels (fewer full searches) but lengthen every pixel's union
+    knn_bound_keys: int = 2
     knn_block: int = 1  # 1 (paper), 2 or 4: one search per b x b label-pixel block (its mean direction)
     loss_kernel: str = "auto"  # Eq. 6: "auto" (triton on CUDA), "torch" (chunked) or "triton" (fused, CUDA)
     loss_chunk_mib: int = 64  # pixel chunk of the ESS losses: [rows, k+1, d] (ess) or [rows, C] (ess_full)
@@ -82,7 +85,7 @@ class MethodConfig:
         _check_choice("method", "knn_at", self.knn_at, ("label", "feature", "feature_exact"))
         _check_choice("method", "loss_kernel", self.loss_kernel, ("auto", "torch", "triton"))
         _check_choice("method", "knn_block", self.knn_block, (1, 2, 4))
-        _check_positive("method", self, ["k", "tau", "knn_chunk_mib", "loss_chunk_mib"])
+        _check_positive("method", self, ["k", "tau", "knn_chunk_mib", "loss_chunk_mib", "knn_bound_keys"])
         _check_positive("method", self, ["margin", "margin_weight"], allow_zero=True)
         if self.knn_at != "label" and self.knn_block > 1:
             raise ConfigError(f"method.knn_at = {self.knn_at!r} and method.knn_block > 1 are alternatives; set one")
@@ -119,6 +122,9 @@ class MethodConfig:
     def check_training(self) -> None:
         """Settings another one would silently ignore in training. Checked when a run trains, not on
         every load, so the config.toml of a run trained before these checks still evaluates."""
+        if self.knn_bound_keys != MethodConfig.knn_bound_keys and self.knn_at != "feature_exact":
+            raise ConfigError(f"method.knn_bound_keys = {self.knn_bound_keys} sizes the lists of knn_at = "
+                              f"'feature_exact', not {self.knn_at!r}: drop it or set method.knn_at = 'feature_exact'")
         if self.negatives == "random" and (self.knn_at != "label" or self.knn_block > 1):
             raise ConfigError("method.knn_at / method.knn_block share the nearest-negative search; "
                               "method.negatives = 'random' searches nothing: drop them or use 'nearest'")

@@ -21,8 +21,8 @@ from esskit.loss_triton import fused_candidate_cross_entropy
 from esskit.config import MethodConfig
 from esskit.data import IGNORE_INDEX
 from esskit.errors import ConfigError
-from esskit.knn import (DEFAULT_CHUNK_BYTES, BoundedNeighbours, GridNeighbours, block_neighbours, bounded_neighbours,
-                        chunk_ranges, feature_neighbours, knn_backend, knn_exact)
+from esskit.knn import (BOUNDED_CANDIDATES_PER_K, DEFAULT_CHUNK_BYTES, BoundedNeighbours, GridNeighbours,
+                        block_neighbours, bounded_neighbours, chunk_ranges, feature_neighbours, knn_backend, knn_exact)
 
 ESSNET_SCALE = 20.0  # the official code's logits: -20 * |x - mu| (not squared)
 LOSS_CHUNK_BYTES = 64 * 2**20  # default of method.loss_chunk_mib
@@ -201,17 +201,18 @@ def _search_time(knn, fn, *args):
 
 @torch.no_grad()
 def shared_neighbours(emb: torch.Tensor, up: torch.Tensor, class_emb: torch.Tensor, k: int, *, knn_at: str,
-                      knn_block: int, knn=knn_exact, normalize: bool = True,
-                      chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> GridNeighbours | BoundedNeighbours | None:
+                      knn_block: int, knn=knn_exact, normalize: bool = True, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                      bound_keys: int = BOUNDED_CANDIDATES_PER_K) -> GridNeighbours | BoundedNeighbours | None:
     """The k+1 nearest classes searched once per stride-4 decoder pixel (`knn_at = "feature"`, shared
     by the label pixels it covers; "feature_exact", exact per label pixel through a bound) or per
     b x b block of label pixels (`knn_block = b`) of `emb` [B, d, h, w] / `up` (it at label size);
-    None for the paper's one search per label pixel."""
+    None for the paper's one search per label pixel. `bound_keys`: method.knn_bound_keys."""
     if knn_at == "label" and knn_block == 1:
         return None
     mu = unit(class_emb.detach().float(), normalize)
     if knn_at == "feature_exact":
-        return _search_time(knn, bounded_neighbours, emb, up.shape[-2:], mu, k + 1, knn, normalize, chunk_bytes)
+        return _search_time(knn, bounded_neighbours, emb, up.shape[-2:], mu, k + 1, knn, normalize, chunk_bytes,
+                            bound_keys)
     if knn_at == "feature":
         return _search_time(knn, feature_neighbours, emb, up.shape[-2:], mu, k + 1, knn, normalize)
     return _search_time(knn, block_neighbours, up, knn_block, mu, k + 1, knn, normalize)
@@ -234,7 +235,8 @@ def ess_paper_loss(emb: torch.Tensor, class_emb: torch.Tensor, target: torch.Ten
     neighbours = None
     if cfg.negatives == "nearest":
         neighbours = shared_neighbours(emb, up, class_emb, cfg.k, knn_at=cfg.knn_at, knn_block=cfg.knn_block,
-                                       knn=knn, normalize=cfg.normalize, chunk_bytes=cfg.knn_chunk_bytes)
+                                       knn=knn, normalize=cfg.normalize, chunk_bytes=cfg.knn_chunk_bytes,
+                                       bound_keys=cfg.knn_bound_keys)
     return ess_loss(pixels_last(up), class_emb, target.reshape(-1), cfg.k, cfg.tau, negatives=cfg.negatives,
                     normalize=cfg.normalize, knn=knn, neighbours=neighbours,
                     chunk_bytes=cfg.loss_chunk_bytes, dense=dense, kernel=cfg.loss_kernel)

@@ -340,8 +340,14 @@ def test_shared_neighbours_keep_negatives_strict(sets):
     assert (cand[:, 1:].sort(1).values.diff(dim=1) != 0).all()
 
 
-@pytest.mark.parametrize("normalize", [True, False])
-def test_feature_exact_search_gives_the_per_pixel_loss_and_gradients(normalize):
+@pytest.mark.parametrize("normalize, bound_keys", [(True, 2), (False, 2), (True, 3)])
+def test_feature_exact_search_gives_the_per_pixel_loss_and_gradients(normalize, bound_keys, monkeypatch):
+    import esskit.losses
+
+    lists = []  # m of each bounded search: method.knn_bound_keys reaches it
+    bounded = esskit.losses.bounded_neighbours
+    monkeypatch.setattr(esskit.losses, "bounded_neighbours",
+                        lambda *args: lists.append(args[-1] * args[3]) or bounded(*args))
     g = torch.Generator().manual_seed(5)
     emb = torch.randn(2, 6, 8, 7, generator=g)
     emb = (F.avg_pool2d(emb, 3, 1, 1, count_include_pad=False) + torch.randn(2, 6, 1, 1, generator=g)).requires_grad_()
@@ -349,12 +355,14 @@ def test_feature_exact_search_gives_the_per_pixel_loss_and_gradients(normalize):
     target = torch.randint(0, 200, (2, 32, 27), generator=g)
     target[:, 0] = IGNORE_INDEX
     results = []
-    for knn_at in ("label", "feature_exact"):
-        cfg = MethodConfig(k=5, knn_at=knn_at, normalize=normalize, knn_chunk_mib=1, loss_chunk_mib=1)
+    for knn_at, keys in (("label", 2), ("feature_exact", bound_keys)):
+        cfg = MethodConfig(k=5, knn_at=knn_at, normalize=normalize, knn_chunk_mib=1, loss_chunk_mib=1,
+                           knn_bound_keys=keys)
         loss, _ = segmentation_loss({"embeddings": emb, "class_embeddings": class_emb}, target, cfg)
         results.append((loss, *torch.autograd.grad(loss, [emb, class_emb])))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert lists == [bound_keys * 6]
 
 
 def test_method_config_validates_the_new_keys():
@@ -363,9 +371,15 @@ def test_method_config_validates_the_new_keys():
     for bad, match in [({"knn_block": 3}, "knn_block"), ({"knn_at": "stride4"}, "knn_at"),
                        ({"knn_at": "feature", "knn_block": 2}, "alternatives"),
                        ({"knn_at": "feature_exact", "knn_block": 4}, "alternatives"),
-                       ({"variant": "essnet", "knn_block": 2}, "essnet"), ({"loss_chunk_mib": 0}, "loss_chunk_mib")]:
+                       ({"variant": "essnet", "knn_block": 2}, "essnet"), ({"loss_chunk_mib": 0}, "loss_chunk_mib"),
+                       ({"knn_at": "feature_exact", "knn_bound_keys": 0}, "knn_bound_keys")]:
         with pytest.raises(ConfigError, match=match):
             MethodConfig(**bad)
+    # a list size that knn_at = "label" would ignore: refused when training
+    with pytest.raises(ConfigError, match="method.knn_bound_keys = 3 sizes the lists of knn_at = 'feature_exact', "
+                                          "not 'label'"):
+        MethodConfig(knn_bound_keys=3).check_training()
+    MethodConfig(knn_at="feature_exact", knn_bound_keys=3).check_training()
 
 
 def test_emb_norm_is_the_heads_raw_norm_for_both_variants():
