@@ -104,6 +104,15 @@ def knn_backend(name: str, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
     return FusedSearch(exact, always=name == "triton")
 
 
+def drop_target(found: torch.Tensor, target: torch.Tensor, k: int) -> torch.Tensor:
+    """k of the k+1 classes `found` per pixel, nearest first, without the pixel's target (or
+    without the farthest when the target is not among them): negatives stay strict."""
+    is_target = found == target[:, None]  # at most one per row: the kNN returns distinct classes
+    at = torch.where(is_target.any(1), is_target.int().argmax(1), k)  # the target's position, or k
+    slots = torch.arange(k, device=found.device)
+    return found.gather(1, slots + (slots >= at[:, None]))  # skip the target's slot
+
+
 @dataclass(frozen=True)
 class GridNeighbours:
     """k nearest keys searched once per cell of a coarse grid [B, h, w] and shared by the label
@@ -224,34 +233,42 @@ class BoundedNeighbours:
     normalize: bool
     chunk_bytes: int
 
-    def lookup(self, start: int, stop: int, queries: torch.Tensor) -> torch.Tensor:
+    def lookup(self, start: int, stop: int, queries: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
         """[stop - start, k] key ids, nearest first, of label pixels start..stop-1 (`pixels_last`
-        order), whose upsampled embeddings are `queries` (for the full search where needed)."""
+        order), whose upsampled embeddings are `queries` (for the full search where needed). With
+        `target` [stop - start] (Eq. 6's negatives): the k - 1 nearest keys other than each pixel's
+        target, `drop_target` of the k nearest. The target is left out of the union, so the bound
+        needs one key fewer above it: more pixels are proven."""
         if getattr(self.knn, "fused", None) is not None and self.knn.fused(queries, self.k):  # one kernel
             from esskit.knn_bounded_triton import bounded_lookup_triton
-            found, proved = bounded_lookup_triton(self, queries, start)
-            return self._redo(found.long(), [proved], queries)
+            found, proved = bounded_lookup_triton(self, queries, start, target, self.k - (target is not None))
+            found = found[:, 1:] if target is not None else found  # without the target column
+            return self._redo(found.long(), [proved], queries, target)
         (_, _, w), width = self.grid, self.cols[0].shape[0]
         slots, d = self.ids.shape[1] + 1, self.features.shape[1]
-        # a label row's temporaries: 3 x [W, L+1] at its pixels, [w, 4 + 2, L+1] and [w, L, d] at its cells
-        rows = max(1, self.chunk_bytes // (4 * slots * (3 * width + (6 + d) * w)))
+        # a label row's temporaries: 4 x [W, L+1] at its pixels, [w, 4 + 2, L+1] and [w, L, d] at its cells
+        rows = max(1, self.chunk_bytes // (4 * slots * (4 * width + (6 + d) * w)))
         found, proved = [], []
         r0 = start // width
         while r0 * width < stop:  # whole label rows, at most `rows` at a time
             r1 = min(r0 + rows, -(-stop // width))
-            ids, ok = self._rows(r0, r1, max(start, r0 * width) - r0 * width, min(stop, r1 * width) - r0 * width)
+            lo, hi = max(start, r0 * width), min(stop, r1 * width)
+            band_target = target[lo - start:hi - start] if target is not None else None
+            ids, ok = self._rows(r0, r1, lo - r0 * width, hi - r0 * width, band_target)
             found.append(ids)
             proved.append(ok)
             r0 = r1
-        return self._redo(torch.cat(found), proved, queries)
+        return self._redo(torch.cat(found), proved, queries, target)
 
-    def _redo(self, found: torch.Tensor, proved: list[torch.Tensor], queries: torch.Tensor) -> torch.Tensor:
+    def _redo(self, found: torch.Tensor, proved: list[torch.Tensor], queries: torch.Tensor,
+              target: torch.Tensor | None) -> torch.Tensor:
         """One full search for the pixels the bound did not prove (one GPU sync per call); fake
         tensors (the profiler's estimate) count every pixel, an upper bound."""
         redo = torch.arange(len(found), device=found.device) if is_fake(found) else (~torch.cat(proved)).nonzero()[:, 0]
         if len(redo):
             q = queries[redo].float()
-            found[redo] = self.knn(F.normalize(q, dim=1) if self.normalize else q, self.keys, self.k)[1]
+            full = self.knn(F.normalize(q, dim=1) if self.normalize else q, self.keys, self.k)[1]
+            found[redo] = full if target is None else drop_target(full, target[redo], self.k - 1)
         return found
 
     def _scores(self, cells: slice) -> torch.Tensor:
@@ -267,9 +284,11 @@ class BoundedNeighbours:
         s.masked_fill_(pad[:, None, :], _PAD_SCORE)
         return torch.cat([s, self.bounds[cells, :, None]], 2)
 
-    def _rows(self, r0: int, r1: int, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rows(self, r0: int, r1: int, lo: int, hi: int,
+              target: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Label rows r0..r1-1 (global: image * H + y), pixels lo..hi-1 of them -> (the k best ids
-        in each pixel's union, nearest first; whether the bound proves them)."""
+        in each pixel's union, nearest first, or the k - 1 best other than `target`; whether the
+        bound proves them)."""
         (batch, h, w), height = self.grid, self.rows[0].shape[0]
         label_row = torch.arange(r0, r1, device=self.ids.device)
         cell_row = label_row // height * h + self.rows[0][label_row % height]  # [R] into B*h, ascending
@@ -282,8 +301,10 @@ class BoundedNeighbours:
         first, wx = self.cols
         s = s[:, first, 0] * wx[:, 0, None] + s[:, first, 1] * wx[:, 1, None]  # [R, W, L+1]
         s = s.flatten(0, 1)[lo:hi]
-        best, slot = s[:, :-1].topk(self.k, dim=1)
         cell = (cell_row[:, None] * w + first).flatten()[lo:hi]
+        if target is not None:
+            s[:, :-1].masked_fill_(self.ids[cell] == target[:, None], _PAD_SCORE)
+        best, slot = s[:, :-1].topk(self.k - (target is not None), dim=1)
         return self.ids.view(-1)[cell[:, None] * self.ids.shape[1] + slot].long(), best[:, -1] > s[:, -1]
 
 

@@ -22,7 +22,8 @@ from esskit.config import MethodConfig
 from esskit.data import IGNORE_INDEX
 from esskit.errors import ConfigError
 from esskit.knn import (BOUNDED_CANDIDATES_PER_K, DEFAULT_CHUNK_BYTES, BoundedNeighbours, GridNeighbours,
-                        block_neighbours, bounded_neighbours, chunk_ranges, feature_neighbours, knn_backend, knn_exact)
+                        block_neighbours, bounded_neighbours, chunk_ranges, drop_target, feature_neighbours,
+                        knn_backend, knn_exact)
 
 ESSNET_SCALE = 20.0  # the official code's logits: -20 * |x - mu| (not squared)
 LOSS_CHUNK_BYTES = 64 * 2**20  # default of method.loss_chunk_mib
@@ -32,15 +33,6 @@ LOSS_CHUNK_BYTES = 64 * 2**20  # default of method.loss_chunk_mib
 # than gathered at C = 1284 (break-even ~440). One threshold for every device, tuned for GPUs
 # (CPU, 2 cores: even at C ~ 150), so the profiler's CPU estimate follows the GPU's path.
 DENSE_MAX_CLASSES = 384
-
-
-def drop_target(found: torch.Tensor, target: torch.Tensor, k: int) -> torch.Tensor:
-    """k of the k+1 classes `found` per pixel, nearest first, without the pixel's target (or
-    without the farthest when the target is not among them): negatives stay strict."""
-    is_target = found == target[:, None]  # at most one per row: the kNN returns distinct classes
-    at = torch.where(is_target.any(1), is_target.int().argmax(1), k)  # the target's position, or k
-    slots = torch.arange(k, device=found.device)
-    return found.gather(1, slots + (slots >= at[:, None]))  # skip the target's slot
 
 
 def nearest_negatives(x: torch.Tensor, mu: torch.Tensor, target: torch.Tensor, k: int,
@@ -90,6 +82,8 @@ def ess_candidates(x: torch.Tensor, mu: torch.Tensor, target: torch.Tensor, k: i
     for start, stop in chunk_ranges(n, rows, x):
         if negatives == "random":
             neg = random_negatives(t[start:stop], mu.shape[0], k)
+        elif isinstance(neighbours, BoundedNeighbours):  # the target left out before the search's proof
+            neg = _search_time(knn, neighbours.lookup, start, stop, x[start:stop], t[start:stop])
         else:
             found = (_search_time(knn, neighbours.lookup, start, stop, x[start:stop]) if neighbours is not None
                      else knn(unit(x[start:stop], normalize), mu, k + 1)[1])

@@ -218,12 +218,13 @@ def test_shared_neighbours_and_negatives_differ_against_the_exact_search():
 
 @pytest.mark.parametrize("grid, label", [(32, 128), (9, 35), (7, 7), (5, 17), (16, 63)])
 def test_bilinear_taps_are_interpolates_weights(grid, label):
-    values = torch.randn(grid, dtype=torch.float64)
+    values = torch.randn(grid, dtype=torch.float64, generator=torch.Generator().manual_seed(grid * label))
     expected = torch.nn.functional.interpolate(values.view(1, 1, grid, 1), size=(label, 1), mode="bilinear",
                                                align_corners=False).view(-1)
     first, weights = bilinear_taps(label, grid)
     mine = weights[:, 0].double() * values[first] + weights[:, 1].double() * values[(first + 1).clamp_max(grid - 1)]
-    torch.testing.assert_close(mine, expected, rtol=0, atol=1e-7)  # the weights are fp32
+    # the weights are fp32: each off by up to 2^-24 relative, two taps
+    torch.testing.assert_close(mine, expected, rtol=0, atol=2e-7 * float(values.abs().max()))
     assert [_first_tap(i, label, grid) for i in range(label)] == first.tolist()  # the lookup's band, in Python
 
 
@@ -264,6 +265,42 @@ def test_bounded_neighbours_are_each_label_pixels_exact_lists(normalize, smooth)
     assert torch.equal(found[separated].sort(1).values, ref.indices[separated, :k].sort(1).values)
     # nearest first, as the search returns them
     assert (dist.gather(1, found).diff(dim=1) >= -1e-5).all()
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_bounded_negatives_leave_the_target_out_before_the_proof(normalize):
+    """lookup(..., target): the k - 1 nearest keys other than each pixel's target, as drop_target
+    keeps them of the k nearest; the proof needs one key fewer above the bound, so fewer pixels
+    get the full search than for the k nearest."""
+    from esskit.knn import drop_target
+
+    g = torch.Generator().manual_seed(7)
+    features = torch.nn.functional.avg_pool2d(torch.randn(2, 6, 9, 7, generator=g), 3, 1, 1, count_include_pad=False)
+    keys = torch.randn(300, 6, generator=g)
+    keys = torch.nn.functional.normalize(keys, dim=1) if normalize else keys
+    features = features if normalize else 4 * features  # raw: |x| ~ |mu|, so the bound fails somewhere
+    size, k = (35, 29), 6
+    up = torch.nn.functional.interpolate(features, size=size, mode="bilinear", align_corners=False)
+    x = up.permute(0, 2, 3, 1).reshape(-1, 6)
+    q = (x / x.norm(dim=1, keepdim=True) if normalize else x).double()
+    dist = torch.cdist(q, keys.double()) ** 2
+    target = torch.randint(0, 300, (len(x),), generator=g)
+    target[::2] = dist.argmin(1)[::2]  # often the nearest class, as in training
+    fallbacks = []
+    for with_target in (False, True):
+        knn = _profiling_script("knn_bounded").CountingKnn()
+        shared = bounded_neighbours(features, size, keys, k, knn, normalize, chunk_bytes=2**15)
+        found = torch.cat([shared.lookup(s, min(s + 97, len(x)), x[s:s + 97], target[s:s + 97] if with_target else None)
+                           for s in range(0, len(x), 97)])
+        fallbacks.append(sum(knn.calls[1:]))
+    assert found.shape == (len(x), k - 1) and 0 < fallbacks[1] < fallbacks[0]
+    masked = dist.clone()
+    masked[torch.arange(len(x)), target] = float("inf")
+    ref = masked.sort(1)
+    separated = (ref.values[:, 1:k] - ref.values[:, :k - 1] > 1e-5).all(1)
+    assert separated.float().mean() > 0.95
+    assert torch.equal(found[separated], ref.indices[separated, :k - 1])
+    torch.testing.assert_close(found[separated], drop_target(dist.sort(1).indices[:, :k], target, k - 1)[separated])
 
 
 def test_bounded_neighbours_stay_exact_for_tiny_raw_embeddings():
