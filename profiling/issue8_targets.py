@@ -35,7 +35,8 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 # the kNN options of run_cuda.sh's fused part: name -> the folder's suffix
-SEARCHES = {"exact": "", "knn_at = feature_exact": "-knn_at-feature_exact", "knn_at = feature": "-knn_at-feature"}
+SEARCHES = {"exact": "", "knn_at = feature_exact": "-knn_at-feature_exact",
+            "knn_at = feature_exact, knn_bound_keys = 3": "-knn_at-feature_exact-keys3", "knn_at = feature": "-knn_at-feature"}
 MAXB_METHODS, MAXB_CLASSES = ("ess", "ess_full"), (19, 1284, 100000)  # run_cuda.sh's maxb part
 
 

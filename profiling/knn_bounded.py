@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from esskit.data import build_dataset
-from esskit.knn import bounded_neighbours, knn_exact
+from esskit.knn import bounded_neighbours, drop_target, knn_exact
 from esskit.losses import pixels_last, upsample
 from esskit.predict import load_run
 from esskit.profile.measure import cpu_name
@@ -53,15 +53,33 @@ def _best_of(repeats: int, fn):
 
 
 @torch.no_grad()
-def compare(emb: torch.Tensor, class_emb: torch.Tensor, size, kk: int, multiples: list[int]) -> dict:
-    """emb [B, d, h, w] decoder output; kk = k+1 nearest classes per label pixel."""
+def compare(emb: torch.Tensor, class_emb: torch.Tensor, size, kk: int, multiples: list[int],
+            target: torch.Tensor | None = None) -> dict:
+    """emb [B, d, h, w] decoder output; kk = k+1 nearest classes per label pixel. With `target`
+    [pixels] (the loss's rows) also Eq. 6's negatives: the k nearest other than the target, whose
+    lookup leaves the target out of each union before the proof."""
     mu = F.normalize(class_emb.float(), dim=1)
     x = pixels_last(upsample(emb.float(), size))
     exact_s, (_, exact) = _best_of(2, lambda: knn_exact(F.normalize(x, dim=1), mu, kk))
     row = {"pixels": len(x), "exact_s": round(exact_s, 4)}
     for multiple in multiples:
         row[f"m{multiple}"] = _bounded(emb, size, mu, kk, x, exact, exact_s, multiple)
+        if target is not None:
+            row[f"m{multiple}"]["negatives"] = _negatives(emb, size, mu, kk, x, exact, exact_s, multiple, target)
     return row
+
+
+def _negatives(emb, size, mu, kk, x, exact, exact_s, multiple, target) -> dict:
+    counting = CountingKnn()
+
+    def negatives():
+        counting.calls.clear()
+        return bounded_neighbours(emb, size, mu, kk, counting, per_k=multiple).lookup(0, len(x), x, target)
+
+    seconds, found = _best_of(2, negatives)
+    differ = (found.sort(1).values != drop_target(exact, target, kk - 1).sort(1).values).any(1)
+    return {"seconds": round(seconds, 4), "speedup": round(exact_s / seconds, 2),
+            "full_search_share": round(sum(counting.calls[1:]) / len(x), 4), "differ_from_knn_exact": int(differ.sum())}
 
 
 def _bounded(emb, size, mu, kk, x, exact, exact_s, multiple) -> dict:
@@ -85,7 +103,8 @@ def _bounded(emb, size, mu, kk, x, exact, exact_s, multiple) -> dict:
 def init_cell(classes: int, crop: int, backbone: str, kk: int, multiples: list[int]) -> dict:
     out, target = profiler_cell(classes, crop, backbone, kk)
     return {"source": f"esskit profile's cell: {backbone} random init, noise image {crop}², C = {classes}, d = 12",
-            "k+1": kk, **compare(out["embeddings"], out["class_embeddings"], target.shape[-2:], kk, multiples)}
+            "k+1": kk, **compare(out["embeddings"], out["class_embeddings"], target.shape[-2:], kk, multiples,
+                                 target.reshape(-1).clamp_min(0))}
 
 
 def trained_run(run_dir: Path, images: int, multiples: list[int]) -> list[dict]:
@@ -95,14 +114,17 @@ def trained_run(run_dir: Path, images: int, multiples: list[int]) -> list[dict]:
     cfg, rows = run.cfg, []
     for split, train, kk in ((cfg.data.train_split, True, cfg.method.k + 1), (cfg.data.val_split, False, 1)):
         data = build_dataset(cfg.data, split, train=False)
-        batch = torch.stack([data[i][0] for i in range(min(images, len(data)))])
+        samples = [data[i] for i in range(min(images, len(data)))]
+        batch = torch.stack([image for image, _ in samples])
+        target = torch.stack([label for _, label in samples]).reshape(-1).clamp_min(0) if train else None
         with torch.no_grad():
             out = run.model.train(train)(batch)  # train: batch statistics, as the loss sees the embeddings
         what = "the loss's search" if train else "prediction (eval mode)"
         rows.append({"source": f"{run_dir}, {what}: {cfg.model.backbone} trained {run.checkpoint.name}, "
                                f"{len(batch)} {split} images {batch.shape[-1]}², C = {cfg.data.num_classes}, "
                                f"d = {cfg.model.embed_dim}",
-                     "k+1": kk, **compare(out["embeddings"], out["class_embeddings"], batch.shape[-2:], kk, multiples)})
+                     "k+1": kk, **compare(out["embeddings"], out["class_embeddings"], batch.shape[-2:], kk, multiples,
+                                          target)})
     return rows
 
 
@@ -124,18 +146,23 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     settings = {"device": f"{cpu_name()}, 1 torch thread", "torch": torch.__version__}
     (args.out / "results.json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=1))
-    lines = ["| source | k+1 | knn_exact s | " + " | ".join(f"m = {m}(k+1): s (×), full search, union slots"
+    lines = ["| source | k+1 | knn_exact s | " + " | ".join(f"m = {m}(k+1): s (×), full search, union slots; "
+                                                        "Eq. 6's negatives: s (×), full search"
                                                         for m in multiples) + " |",
              "|---|---|---|" + "---|" * len(multiples)]
     for r in rows:
         cells = [f"{c['seconds']} (×{c['speedup']}), {100 * c['full_search_share']:.1f} %, {c['union_slots']}"
+                 + (f"; {n['seconds']} (×{n['speedup']}), {100 * n['full_search_share']:.1f} %"
+                    if (n := c.get("negatives")) else "")
                  for c in (r[f"m{m}"] for m in multiples)]
         lines.append(f"| {r['source']} | {r['k+1']} | {r['exact_s']} | " + " | ".join(cells) + " |")
     differ = sum(r[f"m{m}"]["differ_from_knn_exact"] for r in rows for m in multiples)
     separated = sum(r[f"m{m}"]["differ_and_separated"] for r in rows for m in multiples)
+    negatives = sum(r[f"m{m}"].get("negatives", {}).get("differ_from_knn_exact", 0) for r in rows for m in multiples)
     lines.append(f"\nLabel pixels whose k+1 nearest differ from knn_exact's: {differ} in all; {separated} of them "
                  f"with the (k+1)-th and (k+2)-th float64 distances more than {TIE} apart "
-                 f"(the rest are fp32 near-ties).")
+                 f"(the rest are fp32 near-ties). Whose negatives differ from drop_target of knn_exact's: "
+                 f"{negatives} in all.")
     (args.out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -329,9 +329,13 @@ def test_knn_bounded_benchmark_compares_with_the_search_per_label_pixel():
     compare = _profiling_script("knn_bounded").compare
     g = torch.Generator().manual_seed(0)
     emb = torch.nn.functional.avg_pool2d(torch.randn(1, 6, 8, 8, generator=g), 3, 1, 1, count_include_pad=False)
-    row = compare(emb, torch.randn(200, 6, generator=g), (32, 32), 5, [2, 3])
+    target = torch.randint(0, 200, (1024,), generator=g)
+    row = compare(emb, torch.randn(200, 6, generator=g), (32, 32), 5, [2, 3], target)
     assert row["pixels"] == 1024 and row["exact_s"] > 0
     for key, m in (("m2", 10), ("m3", 15)):
         cell = row[key]
         assert cell["m"] == m and cell["differ_and_separated"] == 0 and 0 <= cell["full_search_share"] <= 1
         assert m <= cell["union_slots"] <= 4 * m and cell["seconds"] > 0
+        negatives = cell["negatives"]  # the target out before the proof: no more full searches
+        assert negatives["full_search_share"] <= cell["full_search_share"] and negatives["seconds"] > 0
+        assert negatives["differ_from_knn_exact"] <= cell["differ_from_knn_exact"] + 2  # fp32 near-ties only

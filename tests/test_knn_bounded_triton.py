@@ -67,6 +67,13 @@ def test_bounded_lookup_kernel_gives_each_label_pixels_exact_nearest():
             ok = separated(ref, k)
             assert ok.float().mean() > 0.95
             assert found.dtype == torch.int64 and torch.equal(found[ok], ref.indices[ok, :k]), normalize
+            if k > 1:  # Eq. 6's negatives: the k - 1 nearest other than the target
+                target = ref.indices[:200, 0].clone()
+                target[::2] = 7
+                negatives = shared.lookup(0, 200, x[:200], target)
+                ref = reference(x[:200], keys, normalize, exclude=target)
+                ok = separated(ref, k - 1)
+                assert torch.equal(negatives[ok], ref.indices[ok, :k - 1]), normalize
         print("ok")
     """)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
