@@ -136,7 +136,7 @@ def test_bounded_kernels_compile_for_hopper():
 def test_compiled_bounded_candidates_match_the_per_pixel_kernel_on_cuda():
     import torch.nn.functional as F
 
-    from esskit.knn import knn_backend
+    from esskit.knn import bounded_neighbours, knn_backend, knn_exact
     from esskit.losses import ess_candidates, shared_neighbours
 
     g = torch.Generator().manual_seed(0)
@@ -150,3 +150,6 @@ def test_compiled_bounded_candidates_match_the_per_pixel_kernel_on_cuda():
     got = ess_candidates(x, keys, target, 8, rows=4096, knn=knn, neighbours=shared)
     ref = ess_candidates(x, keys, target, 8, rows=4096, knn=knn)
     assert (got == ref).all(1).float().mean() > 0.999  # fp32 near-ties may swap neighbours' order
+    # prediction's nearest class (k + 1 = 1), through the kernels as predict_labels runs it
+    nearest = bounded_neighbours(features, (128, 128), keys, 1, knn).lookup(0, len(x), x)
+    assert (nearest[:, 0] == knn_exact(F.normalize(x, dim=1), keys, 1)[1][:, 0]).float().mean() > 0.999
