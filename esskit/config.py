@@ -114,10 +114,11 @@ class MethodConfig:
         return self.loss_chunk_mib * 2**20
 
     @property
-    def bounded_search(self) -> bool:
+    def bounded_search(self) -> int:
         """knn_at = "feature_exact": the loss's and prediction's searches run at the decoder's stride
-        and are proven exact per label pixel (`esskit.knn.bounded_neighbours`)."""
-        return self.knn_at == "feature_exact"
+        and are proven exact per label pixel (`esskit.knn.bounded_neighbours`), keeping knn_bound_keys
+        times k+1 classes per decoder pixel; 0 otherwise."""
+        return self.knn_bound_keys if self.knn_at == "feature_exact" else 0
 
     def check_training(self) -> None:
         """Settings another one would silently ignore in training. Checked when a run trains, not on

@@ -197,9 +197,10 @@ def _first_tap(i: int, out_size: int, in_size: int) -> int:
 
 
 # Keys kept per decoder pixel for knn_at = "feature_exact", as a multiple of the k+1 searched (m = 18 at
-# k = 8). CPU, C = 1284, against the search per label pixel: x3.3-3.7 on a synthetic run trained 150
-# steps (2.4 % of its pixels need the full search); x1.4 at the profiler's random-init cell, where
-# 35 % do (x1.5 at 3(k+1)). profiling/README.md, "An exact search at the decoder's stride".
+# k = 8; the default of method.knn_bound_keys). CPU, C = 1284, Eq. 6's negatives, against the search
+# per label pixel: x3.1 on a synthetic run trained 150 steps (2.2 % of its pixels need the full
+# search); x1.5 at the profiler's random-init cell, where 27 % do (x1.6 at 3(k+1), 7 %).
+# profiling/README.md, "An exact search at the decoder's stride".
 BOUNDED_CANDIDATES_PER_K = 2
 # Unions are padded to the count that covers all but UNION_CUT of the cells; the pixels of the cells
 # with more ids get the full search: padding every cell to the longest union cost more than that.
@@ -321,7 +322,9 @@ def bounded_neighbours(features: torch.Tensor, label_size, keys: torch.Tensor, k
     m = per_k * k
     if num_keys <= 2 * m:
         return None
-    f = features.detach().float().permute(0, 2, 3, 1).reshape(-1, d)  # raw: s is linear in x, not x/|x|
+    # raw: s is linear in x, not x/|x|; contiguous (one image's reshape is a strided view, and the
+    # lookup kernels read rows by offset)
+    f = features.detach().float().permute(0, 2, 3, 1).reshape(-1, d).contiguous()
     dist, idx = knn(f, keys, m + 1)
     f_sq = f.pow(2).sum(1)
     # b_i = |f|^2 - dist to the (m+1)-th, plus a slack far above fp32 rounding of these scores

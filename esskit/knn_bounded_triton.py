@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import torch
 
-from esskit.knn import _PAD_SCORE, _first_tap
-from esskit.knn_triton import launch_ranges, triton
+from esskit.knn import _PAD_SCORE, _first_tap, chunk_ranges
+from esskit.knn_triton import LAUNCH_ELEMENTS, launch_ranges, triton
 
 # Cells (corner scores) and label pixels (lookup) per program: these many union slots, whatever the
 # padded union width LP (32 ... 128). ptxas (sm_90a, 4 warps, d = 12): 91-94 and 111-126 registers,
@@ -39,13 +39,14 @@ if triton is not None:
     def _corner_scores_kernel(ids_ptr, f_ptr, mu_ptr, musq_ptr, s_ptr, n, cell0, h, w, L, C, D: tl.constexpr,
                               LP: tl.constexpr, BLOCK: tl.constexpr, PAD: tl.constexpr):
         """Cells cell0 + rows: s[row, i, slot] = 2 f_i.mu_c - |mu_c|^2, c the union's id in slot, f_i the
-        corners (top-left, top-right, bottom-left, bottom-right; as knn._cell_corners); pads: PAD."""
+        corners (top-left, top-right, bottom-left, bottom-right; as knn._cell_corners); pads: PAD.
+        ids: the unions of cells cell0 onwards."""
         rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         row_ok = rows < n
         cell = cell0 + rows
         slots = tl.arange(0, LP)
         keep = row_ok[:, None] & (slots[None, :] < L)
-        ids = tl.load(ids_ptr + cell[:, None] * L + slots[None, :], mask=keep, other=C)
+        ids = tl.load(ids_ptr + rows[:, None] * L + slots[None, :], mask=keep, other=C)
         real = ids < C
         key = tl.where(real, ids, 0)
         grid_row, j = cell // w, cell % w  # grid_row = image * h + i
@@ -75,7 +76,7 @@ if triton is not None:
                         HAS_TARGET: tl.constexpr, BLOCK_N: tl.constexpr):
         """Label pixels start + rows: the KK best classes of the cell's union (without the target if
         HAS_TARGET, written after it: [n, KK + 1]; else [n, KK]) and whether the bound proves them.
-        s: the corner scores of cells cell0 onwards."""
+        s, ids: the corner scores and unions of cells cell0 onwards (offsets within a band: int32)."""
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < n
         pixel = start + rows  # (image, y, x), as losses.pixels_last numbers them
@@ -100,7 +101,7 @@ if triton is not None:
         b = bounds_ptr + 4 * cell
         bound = ((tl.load(b, mask=row_ok, other=0.0) * wy0 + tl.load(b + 2, mask=row_ok, other=0.0) * wy1) * wx0
                  + (tl.load(b + 1, mask=row_ok, other=0.0) * wy0 + tl.load(b + 3, mask=row_ok, other=0.0) * wy1) * wx1)
-        ids = tl.load(ids_ptr + cell[:, None] * L + slots[None, :], mask=keep, other=C)
+        ids = tl.load(ids_ptr + (cell - cell0)[:, None] * L + slots[None, :], mask=keep, other=C)
         real = ids < C  # unions are padded with C
         if HAS_TARGET:
             t = tl.maximum(tl.load(t_ptr + rows, mask=row_ok, other=0), 0)  # ignore pixels: class 0
@@ -137,7 +138,9 @@ def bounded_lookup_triton(neighbours, x: torch.Tensor, start: int, target: torch
     _, h, w = neighbours.grid
     height, width = neighbours.rows[0].shape[0], neighbours.cols[0].shape[0]
     mu_sq = torch.zeros_like(keys[:, 0]) if neighbours.normalize else keys.pow(2).sum(1)  # as _scores
-    ids, slots = neighbours.ids, neighbours.ids.shape[1]
+    # contiguous: the kernels read rows by offset (a batch of one image leaves a strided view)
+    ids, bounds, features = (a.contiguous() for a in (neighbours.ids, neighbours.bounds, neighbours.features))
+    slots = ids.shape[1]
     lp = max(16, triton.next_power_of_2(slots))
     block_cells, block_n = max(1, CELL_ELEMENTS // lp), max(1, PIXEL_ELEMENTS // lp)
     n, stop, device = x.shape[0], start + x.shape[0], x.device
@@ -146,7 +149,9 @@ def bounded_lookup_triton(neighbours, x: torch.Tensor, start: int, target: torch
     t = target.contiguous() if target is not None else proved  # unread without a target
     taps = [a.contiguous() for a in (neighbours.rows[0].int(), neighbours.rows[1], neighbours.cols[0].int(),
                                      neighbours.cols[1])]
-    band_rows = max(1, (max(1, neighbours.chunk_bytes // (16 * slots * w)) - 1) * height // h)  # label rows
+    # label rows per band: its [cells, 4, L] fp32 scores within chunk_bytes, and under 2^31 elements
+    band_bytes = min(neighbours.chunk_bytes, 4 * LAUNCH_ELEMENTS)
+    band_rows = max(1, (max(1, band_bytes // (16 * slots * w)) - 1) * height // h)
     r0 = start // width
     while r0 * width < stop:
         r1 = min(r0 + band_rows, -(-stop // width))
@@ -156,13 +161,13 @@ def bounded_lookup_triton(neighbours, x: torch.Tensor, start: int, target: torch
         scores = torch.empty(cells, 4, slots, dtype=torch.float32, device=device)
         for lo, hi in launch_ranges(cells, 4 * slots, block_cells):
             _corner_scores_kernel[(triton.cdiv(hi - lo, block_cells),)](
-                ids, neighbours.features, keys, mu_sq, scores[lo:hi], hi - lo, first * w + lo, h, w, slots, num_keys,
-                D=d, LP=lp, BLOCK=block_cells, PAD=_PAD_SCORE, num_warps=4)
+                ids[first * w + lo:], features, keys, mu_sq, scores[lo:hi], hi - lo, first * w + lo, h, w, slots,
+                num_keys, D=d, LP=lp, BLOCK=block_cells, PAD=_PAD_SCORE, num_warps=4)
         p0, p1 = max(start, r0 * width), min(stop, r1 * width)  # the band's pixels
         for lo, hi in launch_ranges(p1 - p0, kk + 1, block_n):
             a, b = p0 - start + lo, p0 - start + hi
             _bounded_kernel[(triton.cdiv(hi - lo, block_n),)](
-                scores, t[a:b], ids, neighbours.bounds, *taps, out[a:b], proved[a:b], hi - lo, p0 + lo, first * w,
+                scores, t[a:b], ids[first * w:], bounds, *taps, out[a:b], proved[a:b], hi - lo, p0 + lo, first * w,
                 height, width, h, w, slots, num_keys, LP=lp, KK=kk, HAS_TARGET=target is not None, BLOCK_N=block_n,
                 num_warps=4)
         r0 = r1
@@ -179,6 +184,8 @@ def bounded_candidates_triton(neighbours, x: torch.Tensor, target: torch.Tensor,
 
     cand, proved = bounded_lookup_triton(neighbours, x, 0, target, k)
     redo = (~proved).nonzero()[:, 0]
-    if len(redo):
-        cand[redo] = candidates_triton(x[redo], neighbours.keys, target[redo], k, normalize)
+    # the unproven pixels' embeddings copied a chunk at a time (up to ~40 % of them at random init)
+    for lo, hi in chunk_ranges(len(redo), max(1, neighbours.chunk_bytes // (4 * x.shape[1]))):
+        rows = redo[lo:hi]
+        cand[rows] = candidates_triton(x[rows], neighbours.keys, target[rows], k, normalize)
     return cand

@@ -21,6 +21,9 @@ def test_targets_of_the_committed_h100_run():
     assert rows["ESS ≤ 0.5× baseline (C = 1284, batch 4; exact)"] == ("0.58×", "no")  # 0.0474 / 0.082
     assert rows["ESS ≤ 0.5× baseline (C = 1284, batch 4; knn_at = feature)"] == ("not run", "–")
     assert rows["kNN ≤ 5 % of the ESS step (C = 1284, batch 8; knn_at = feature_exact)"] == ("not run", "–")
+    # the longer lists are run for the kNN share alone: no ratio rows that no run could fill
+    keys3 = [target for target in rows if "knn_bound_keys = 3" in target]
+    assert keys3 == ["kNN ≤ 5 % of the ESS step (C = 1284, batch 8; knn_at = feature_exact, knn_bound_keys = 3)"]
 
 
 def test_tile_and_bench_choices_rank_against_their_references(tmp_path):

@@ -259,9 +259,9 @@ def test_bounded_prediction_is_the_nearest_class_search(flags, monkeypatch):
     exact = predict_labels(out, (35, 31))
     import esskit.models.heads as heads
     built = []
-    monkeypatch.setattr(heads, "bounded_neighbours", lambda *a, **kw: built.append(1) or bounded_neighbours(*a, **kw))
-    bounded = predict_labels(out, (35, 31), bounded=True)
-    assert built == [1]
+    monkeypatch.setattr(heads, "bounded_neighbours", lambda *a: built.append(a[-1]) or bounded_neighbours(*a))
+    bounded = predict_labels(out, (35, 31), bounded=3)  # method.knn_bound_keys = 3
+    assert built == [3]
     up = F.interpolate(emb.double(), size=(35, 31), mode="bilinear", align_corners=False)
     pix = up.permute(0, 2, 3, 1).reshape(-1, 6)
     mu = out["class_embeddings"].double()
@@ -273,7 +273,7 @@ def test_bounded_prediction_is_the_nearest_class_search(flags, monkeypatch):
     assert torch.equal(bounded.reshape(-1)[ok], exact.reshape(-1)[ok])
     # maps already at label size: the search per pixel, whatever `bounded` says
     full = {**out, "embeddings": up.float()}
-    assert torch.equal(predict_labels(full, (35, 31), bounded=True), predict_labels(full, (35, 31))) and built == [1]
+    assert torch.equal(predict_labels(full, (35, 31), bounded=2), predict_labels(full, (35, 31))) and built == [3]
 
 
 def test_bounded_prediction_keeps_the_chunk_budget(monkeypatch):
@@ -282,7 +282,7 @@ def test_bounded_prediction_keeps_the_chunk_budget(monkeypatch):
     monkeypatch.setattr(knn, "_knn_blocks", lambda q, keys, k, chunk: seen.append(chunk) or blocks(q, keys, k, chunk))
     g = torch.Generator().manual_seed(0)
     out = {"embeddings": torch.randn(1, 4, 16, 16, generator=g), "class_embeddings": torch.randn(300, 4, generator=g)}
-    predict_labels(out, (64, 64), 2**16, bounded=True)
+    predict_labels(out, (64, 64), 2**16, bounded=2)
     assert seen and set(seen) == {2**16}
 
 

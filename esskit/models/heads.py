@@ -50,12 +50,13 @@ class EmbeddingHead(nn.Module):
 
 
 @torch.no_grad()
-def predict_labels(output: dict, size, chunk_bytes: int = DEFAULT_CHUNK_BYTES, bounded: bool = False) -> torch.Tensor:
+def predict_labels(output: dict, size, chunk_bytes: int = DEFAULT_CHUNK_BYTES, bounded: int = 0) -> torch.Tensor:
     """Per-pixel class ids [B, H, W] at `size`: argmax for the baseline, nearest class embedding
     for ESS (exact search in distance blocks of `chunk_bytes`, method.knn_chunk_mib; no [pixels, C]
-    tensor), in the distance its loss trained. `bounded` (method.knn_at = "feature_exact") searches
-    at the embeddings' own resolution and proves each pixel's nearest class (`bounded_neighbours`;
-    exact, as the search per pixel)."""
+    tensor), in the distance its loss trained. `bounded` (method.knn_at = "feature_exact": its
+    knn_bound_keys, `MethodConfig.bounded_search`) searches at the embeddings' own resolution for that
+    many classes per pixel and proves each pixel's nearest class (`bounded_neighbours`; exact, as the
+    search per pixel); 0 searches every pixel."""
     if "logits" in output:
         return upsample(output["logits"].float(), size).argmax(1)
     coarse = output["embeddings"].float()
@@ -65,7 +66,8 @@ def predict_labels(output: dict, size, chunk_bytes: int = DEFAULT_CHUNK_BYTES, b
     unit_pixels = output.get("normalize", True) and not output.get("unit_at_stride", False)
     if output.get("normalize", True) or output.get("unit_at_stride", False):
         mu = F.normalize(mu, dim=1)  # essnet_loss: upsampled unit vectors, not renormalised
-    shared = (bounded_neighbours(coarse, (h, w), mu, 1, knn_backend("auto", chunk_bytes), unit_pixels, chunk_bytes)
+    shared = (bounded_neighbours(coarse, (h, w), mu, 1, knn_backend("auto", chunk_bytes), unit_pixels, chunk_bytes,
+                                 bounded)
               if bounded and coarse.shape[-2:] != emb.shape[-2:] else None)
     if shared is not None:
         return shared.lookup(0, len(x), x).view(b, h, w)
