@@ -13,7 +13,7 @@ The torch lookup (`BoundedNeighbours._rows`) interpolates [cells, 4, L+1] corner
   registers and writes the ids and whether the bound proves them.
 With a target (Eq. 6) the target is left out of the union before the sort, and the pixel is proven
 when its k-th best other class beats the bound: the k nearest classes other than the target are
-what `losses.drop_target` keeps of the k+1 nearest, and this needs one fewer class above the bound.
+what `knn.drop_target` keeps of the k+1 nearest, and this needs one fewer class above the bound.
 Unproven pixels get the fused per-pixel search (`knn_triton`), as in the torch lookup. Where the
 fused kernels run: `knn_triton.FusedSearch` (method.knn = "triton", and "auto" on CUDA GPUs).
 Not yet timed on a GPU.
@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from esskit.knn import _PAD_SCORE, _first_tap, chunk_ranges
-from esskit.knn_triton import LAUNCH_ELEMENTS, launch_ranges, triton
+from esskit.knn_triton import LAUNCH_ELEMENTS, candidates_triton, launch_ranges, triton
 
 # Cells (corner scores) and label pixels (lookup) per program: these many union slots, whatever the
 # padded union width LP (32 ... 128). ptxas (sm_90a, 4 warps, d = 12): 91-94 and 111-126 registers,
@@ -180,8 +180,6 @@ def bounded_candidates_triton(neighbours, x: torch.Tensor, target: torch.Tensor,
     """Eq. 6's [N, k+1] int32 candidates of all label pixels from `neighbours`, as
     `knn_triton.candidates_triton` builds them from a search per pixel: the bounded lookup, then the
     fused per-pixel search for the pixels it does not prove (one GPU sync)."""
-    from esskit.knn_triton import candidates_triton
-
     cand, proved = bounded_lookup_triton(neighbours, x, 0, target, k)
     redo = (~proved).nonzero()[:, 0]
     # the unproven pixels' embeddings copied a chunk at a time (up to ~40 % of them at random init)

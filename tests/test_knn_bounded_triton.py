@@ -84,13 +84,13 @@ def test_bounded_candidates_kernel_equals_the_exact_candidates():
     """Eq. 6's candidates from the bounded lookup (target left out of the union) equal the per-pixel
     search's: the target (ignore pixels: class 0), then its k nearest other classes."""
     result = _with_setup("""
-        import esskit.knn_triton
+        import esskit.knn_bounded_triton
         from esskit.losses import ess_candidates, shared_neighbours
-        per_pixel, redone = esskit.knn_triton.candidates_triton, []
+        per_pixel, redone = esskit.knn_bounded_triton.candidates_triton, []
         def counting(x, *args):  # the fused per-pixel search, for the pixels the bound does not prove
             redone.append(len(x))
             return per_pixel(x, *args)
-        esskit.knn_triton.candidates_triton = counting
+        esskit.knn_bounded_triton.candidates_triton = counting
         # seeds where the raw bound fails somewhere; 512 bytes: bands of a few rows, and the unproven
         # pixels' full searches 21 rows at a time
         for normalize, seed, budget in ((True, 10, 2**26), (False, 13, 2**9)):
