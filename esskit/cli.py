@@ -158,6 +158,9 @@ def profile(recipe: Annotated[Optional[Path], typer.Argument(help="Optional reci
                                            "256)") = None,
             batch: option_or_none(int, "No search: peak memory and times at this batch size for every method "
                                        "(equal-batch comparisons; default: profile.batch, 0 = search)") = None,
+            inputs: option_or_none(str, "What the timed steps see: noise (random images and labels) or synthetic "
+                                        "(the synthetic dataset's images and region labels; default: "
+                                        "profile.inputs, else noise)") = None,
             out: option_or_none(Path, "Output directory (default: profiling/results/"
                                       "BACKBONE-CROP-PRECISION[-bN]-DEVICE)") = None,
             overrides: Overrides = None):
@@ -169,7 +172,7 @@ def profile(recipe: Annotated[Optional[Path], typer.Argument(help="Optional reci
         base, recipe_keys = profiling.load_base(recipe, overrides or [], classes)
         spec = profiling.spec_from_options(base, recipe_keys, classes=classes, methods=methods, backbone=backbone,
                                            crop=crop, budget_gib=budget_gib, precision=mixed_precision,
-                                           device=device, max_batch=max_batch, batch=batch)
+                                           device=device, max_batch=max_batch, batch=batch, inputs=inputs)
         profiling.run_profile(spec, out or profiling.default_out_dir(spec))
     except USER_ERRORS as e:
         _fail(e)

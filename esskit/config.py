@@ -19,6 +19,7 @@ from esskit.files import write_atomic
 
 METHODS = ("baseline", "ess", "ess_full")  # method.name, and what esskit profile compares
 PROFILE_DEVICES = ("meta", "cuda", "cpu")  # esskit profile: estimate; measure on the GPU; estimate + CPU times
+PROFILE_INPUTS = ("noise", "synthetic")  # esskit profile: what the timed steps see (ProfileConfig.inputs)
 # SyntheticSegmentation's smallest image side (esskit/data/synthetic.py checks it too)
 SYNTHETIC_MIN_IMAGE_SIZE = 8
 
@@ -292,6 +293,10 @@ class ProfileConfig:
     max_batch: int = 256  # the largest batch the max-batch search tries
     batch: int = 0  # > 0: no search, peak memory and times at this batch for every method
     device: str = ""  # "cuda" (measure), "meta" (estimate), "cpu" (estimate, times on the CPU); "": cuda if any
+    # what the timed steps see: "noise" (Gaussian images, i.i.d. uniform labels) or "synthetic" (the
+    # synthetic dataset's Voronoi images and region labels: the spatial structure of real data, which
+    # knn_at = "feature_exact"'s bound and the fused Eq. 6 backward's atomics depend on). Memory: noise.
+    inputs: str = "noise"
 
     def __post_init__(self):
         if not self.classes or min(self.classes) < 2:
@@ -303,6 +308,7 @@ class ProfileConfig:
         _check_positive("profile", self, ["budget_gib", "max_batch"])
         _check_positive("profile", self, ["batch"], allow_zero=True)
         _check_choice("profile", "device", self.device, ("", *PROFILE_DEVICES))
+        _check_choice("profile", "inputs", self.inputs, PROFILE_INPUTS)
 
 
 @dataclass(kw_only=True)

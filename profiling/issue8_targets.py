@@ -34,8 +34,12 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else a / b
 
 
-# the kNN options of run_cuda.sh's fused part: name -> the folder's suffix
-SEARCHES = {"exact": "", "knn_at = feature_exact": "-knn_at-feature_exact", "knn_at = feature": "-knn_at-feature"}
+# the kNN options of run_cuda.sh's fused part: name -> the folder's suffix. "synthetic inputs": timed
+# on the synthetic dataset's images and labels (esskit profile --inputs synthetic), where the other
+# rows see noise; the baseline's time does not depend on the inputs (its ratio rows use the noise run)
+SEARCHES = {"exact": "", "knn_at = feature_exact": "-knn_at-feature_exact", "knn_at = feature": "-knn_at-feature",
+            "exact, synthetic inputs": "-synthetic",
+            "knn_at = feature_exact, synthetic inputs": "-knn_at-feature_exact-synthetic"}
 # run for the kNN share only (batch 8, C = 1284)
 SHARE_ONLY = {"knn_at = feature_exact, knn_bound_keys = 3": "-knn_at-feature_exact-keys3"}
 MAXB_METHODS, MAXB_CLASSES = ("ess", "ess_full"), (19, 1284, 100000)  # run_cuda.sh's maxb part
@@ -55,7 +59,8 @@ def targets(results: Path) -> list[tuple[str, str, str]]:
               for batch in ("b8", "b4"))
     maxb = profile_rows(results / f"{R}-12gib-auto-cuda")
     out = []
-    shares = {**b8, **{name: profile_rows(results / f"{R}-b8-fused{suffix}-cuda") for name, suffix in SHARE_ONLY.items()}}
+    shares = {**b8, **{name: profile_rows(results / f"{R}-b8-fused{suffix}-cuda")
+                       for name, suffix in SHARE_ONLY.items()}}
     for name, rows in shares.items():
         share = _value(rows, "ess", 1284, "knn_share")
         out.append(_row(f"kNN ≤ 5 % of the ESS step (C = 1284, batch 8; {name})", share,

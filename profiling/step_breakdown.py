@@ -28,14 +28,14 @@ from esskit.profile.step import MixedPrecision, build_training, cell_config, syn
 
 def step_table(method: str, classes: int, batch: int, crop: int, steps: int = 3, rows: int = 25,
                backbone: str = "resnet50", device: str = "cuda", knn: str = "torch",
-               loss_kernel: str = "torch", knn_at: str = "label") -> str:
+               loss_kernel: str = "torch", knn_at: str = "label", inputs: str = "noise") -> str:
     """The profiler's table of `steps` training steps after two warm-up steps, by own GPU time."""
     method_keys = {"knn": knn, "loss_kernel": loss_kernel, "knn_at": knn_at}
     cfg = cell_config(build_config({"method": method_keys}), method=method, num_classes=classes,
                       backbone=backbone, crop=(crop, crop), precision="no")
     model, optimizer = build_training(cfg, device)
     amp = MixedPrecision("no", device)
-    images, target = synthetic_batch(cfg, batch, device)
+    images, target = synthetic_batch(cfg, batch, device, inputs)
     for _ in range(2):
         training_step(model, optimizer, images, target, cfg, amp)
     gpu = device == "cuda"
@@ -121,6 +121,8 @@ def main() -> None:
                         help="method:C[:knn[:loss_kernel[:knn_at]]] cells to profile (default torch:torch:label; "
                         "'' skips them)")
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--inputs", choices=["noise", "synthetic"], default="noise",
+                        help="what the profiled steps see (esskit profile --inputs)")
     parser.add_argument("--crop", type=int, default=512)
     parser.add_argument("--selection-classes", default="19,150,1284,10000,100000")
     parser.add_argument("--k", type=int, default=7, help="k+1 (7: the synthetic and Cityscapes recipes' k = 6)")
@@ -146,9 +148,11 @@ def main() -> None:
     for cell in filter(None, args.cells.split(",")):  # '' skips the step tables
         method, classes, *kernels = cell.split(":")
         knn, loss_kernel, knn_at = kernels + ["torch", "torch", "label"][len(kernels):]
-        table = step_table(method, int(classes), args.batch, args.crop, knn=knn, loss_kernel=loss_kernel, knn_at=knn_at)
+        table = step_table(method, int(classes), args.batch, args.crop, knn=knn, loss_kernel=loss_kernel, knn_at=knn_at,
+                           inputs=args.inputs)
         torch.cuda.empty_cache()
-        tables.append(f"## {cell}, batch {args.batch}, {args.crop}², fp32\n\n```\n{table}\n```\n")
+        title = f"{cell}, batch {args.batch}, {args.crop}², fp32, {args.inputs} inputs"
+        tables.append(f"## {title}\n\n```\n{table}\n```\n")
         write_atomic(args.out / "steps.md",
                      f"# Step breakdown on {torch.cuda.get_device_name()}\n\n" + "\n".join(tables))
         print(tables[-1], flush=True)

@@ -266,7 +266,7 @@ def test_cuda_measurer_control_flow_without_a_gpu(monkeypatch):
     builds = []
     monkeypatch.setattr(measure, "build_training",
                         lambda cfg, device: builds.append(cfg.method.name) or (torch.nn.Linear(1, 1), None))
-    monkeypatch.setattr(measure, "synthetic_batch", lambda cfg, batch, device: (batch, None))
+    monkeypatch.setattr(measure, "synthetic_batch", lambda cfg, batch, device, inputs, step=0: (batch, None))
     monkeypatch.setattr(measure, "inference_step", lambda model, images, amp, cfg: None)
     estimated_at = []
     monkeypatch.setattr(measure, "estimate_training_peak",
@@ -377,6 +377,51 @@ def test_profile_cli_cpu_times_the_estimates_batch(tmp_path):
             assert row["knn_share"] is None
     table7 = (tmp_path / "cpu" / "table7.md").read_text()
     assert "estimated + CPU times on" in table7 and "Estimated rows have no times" not in table7
+
+
+def test_profile_cli_times_steps_on_the_synthetic_datasets_inputs(tmp_path, monkeypatch):
+    """--inputs synthetic: the timed steps and inference see the synthetic dataset's images and
+    labels (one batch drawn per timed run), the estimate keeps the noise batch; the setting is
+    recorded, names the default folder, and a folder of the other inputs is refused."""
+    import esskit.profile.measure as measure
+    from esskit.profile import default_out_dir, load_base, spec_from_options
+
+    seen = []
+    batch = measure.synthetic_batch
+    monkeypatch.setattr(measure, "synthetic_batch",
+                        lambda cfg, b, device, inputs, step=None: seen.append((inputs, step)) or batch(cfg, b, device,
+                                                                                                       inputs, step or 0))
+    options = ["profile", "--device", "cpu", "--backbone", "resnet18", "--crop", "64", "--classes", "300",
+               "--methods", "ess", "--batch", "2", "--set", "method.knn_at=feature_exact"]
+    result = CliRunner().invoke(app, [*options, "--inputs", "synthetic", "--out", str(tmp_path / "p")])
+    assert result.exit_code == 0, result.output
+    # a new batch each step of the two timed runs (step times, then the kNN's), then inference's image
+    steps = measure.TRAIN_WARMUP + measure.TRAIN_ITERS
+    assert seen == [("synthetic", i) for i in range(steps)] * 2 + [("synthetic", None)]
+    run = json.loads((tmp_path / "p" / "results.json").read_text())
+    assert run["settings"]["inputs"] == "synthetic" and run["rows"][0]["knn_share"] > 0
+    again = CliRunner().invoke(app, [*options, "--out", str(tmp_path / "p")])
+    assert again.exit_code == 2 and "inputs synthetic here, noise now" in again.output
+    bad = CliRunner().invoke(app, [*options, "--inputs", "photos", "--out", str(tmp_path / "q")])
+    assert bad.exit_code == 2 and "--inputs 'photos' is not one of noise, synthetic" in bad.output
+    base, keys = load_base(None, [])
+    assert default_out_dir(spec_from_options(base, keys, inputs="synthetic")).name.endswith("-synthetic-meta")
+
+
+def test_synthetic_inputs_are_the_datasets_images_normalised():
+    from esskit.data import IGNORE_INDEX
+    from esskit.data.synthetic import SyntheticSegmentation
+    from esskit.profile.step import synthetic_batch
+
+    cfg = build_config({"data": {"num_classes": 50, "crop": [40, 70]}})
+    images, target = synthetic_batch(cfg, 2, "cpu", "synthetic", index=1)  # the dataset's images 2 and 3
+    assert images.shape == (2, 3, 40, 70) and target.shape == (2, 40, 70)
+    image, mask = SyntheticSegmentation(50, 4, 70)[3]
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in (cfg.data.mean, cfg.data.std))
+    torch.testing.assert_close(images[1], (image[:, :40].float() / 255 - mean) / std)
+    assert torch.equal(target[1], mask[:40]) and (target == IGNORE_INDEX).any()
+    noise, labels = synthetic_batch(cfg, 2, "cpu")  # the default: no ignore pixels (the estimate's worst case)
+    assert noise.shape == images.shape and (labels >= 0).all()
 
 
 def test_timed_knn_adds_up_its_calls_and_leaves_the_loss_unchanged():

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import platform
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from esskit.config import Config, config_to_dict, load_config
+from esskit.config import PROFILE_INPUTS, Config, config_to_dict, load_config
 from esskit.errors import ConfigError
 from esskit.models.deeplab import create_backbone
 from esskit.profile.report import LiveTable, write_results
@@ -78,13 +79,14 @@ def default_out_dir(spec: ProfileSpec) -> Path:
     precision = "fp32" if spec.precision == "no" else spec.precision
     crop = f"{spec.crop[0]}" if spec.crop[0] == spec.crop[1] else f"{spec.crop[0]}x{spec.crop[1]}"
     batch = f"-b{spec.batch}" if spec.batch else ""
-    return Path("profiling/results") / f"{spec.backbone}-{crop}-{precision}{batch}-{spec.device}"
+    inputs = "" if spec.base.profile.inputs == "noise" else f"-{spec.base.profile.inputs}"
+    return Path("profiling/results") / f"{spec.backbone}-{crop}-{precision}{batch}{inputs}-{spec.device}"
 
 
 # settings that make a results folder another experiment (torch, date, wall time do not)
 GRID_KEYS = ("backbone", "crop", "precision", "budget_gib", "classes", "methods", "batch", "source",
              "max_batch_limit", "embed_dim", "k", "knn_chunk_mib", "loss_chunk_mib", "knn_at", "knn_block", "knn",
-             "loss_kernel", "config")
+             "loss_kernel", "inputs", "config")
 
 
 def check_out_dir(out_dir: Path, settings: dict) -> None:
@@ -136,6 +138,7 @@ def run_profile(spec: ProfileSpec, out_dir: Path) -> list[dict]:
         "knn_chunk_mib": spec.base.method.knn_chunk_mib, "loss_chunk_mib": spec.base.method.loss_chunk_mib,
         "knn_at": spec.base.method.knn_at, "knn_block": spec.base.method.knn_block,
         "knn": spec.base.method.knn, "loss_kernel": spec.base.method.loss_kernel,
+        "inputs": spec.base.profile.inputs,
         # the rest of the step's settings (model.norm, method.margin_weight, optim, ...): another experiment
         "config": {section: values for section, values in config_to_dict(spec.base).items()
                    if section in ("model", "method", "optim")},
@@ -158,11 +161,15 @@ def run_profile(spec: ProfileSpec, out_dir: Path) -> list[dict]:
 def spec_from_options(base: Config, recipe_keys: set[str], *, classes: str | None = None, methods: str | None = None,
                       backbone: str | None = None, crop: str | None = None, budget_gib: float | None = None,
                       precision: str | None = None, device: str | None = None, max_batch: int | None = None,
-                      batch: int | None = None) -> ProfileSpec:
+                      batch: int | None = None, inputs: str | None = None) -> ProfileSpec:
     """The CLI's options over a recipe (its [profile] section gives the grid's defaults); `recipe_keys`
     are the section.key names the recipe or --set gave."""
     size = parse_crop(crop) if crop is not None else None
     recipe_crop = tuple(base.data.crop)
+    if inputs is not None:
+        if inputs not in PROFILE_INPUTS:
+            raise ConfigError(f"--inputs {inputs!r} is not one of {', '.join(PROFILE_INPUTS)}")
+        base = dataclasses.replace(base, profile=dataclasses.replace(base.profile, inputs=inputs))
     grid = base.profile
     return ProfileSpec(
         classes=parse_ints(classes, "--classes") if classes is not None else list(grid.classes),

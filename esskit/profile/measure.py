@@ -112,8 +112,8 @@ class StepTimer:
         model, optimizer = self.training(cfg)
         amp = MixedPrecision(cfg.train.mixed_precision, self.device.type)
         seconds = []
-        for _ in range(steps):
-            images, target = synthetic_batch(cfg, batch, self.device)
+        for step in range(steps):  # a new batch each step, as training sees
+            images, target = synthetic_batch(cfg, batch, self.device, cfg.profile.inputs, step)
             knn = TimedKnn.for_config(cfg, self.sync) if time_knn else None
             self.sync()
             start = time.perf_counter()
@@ -142,7 +142,7 @@ class StepTimer:
         model, _ = self.training(cfg)
         model.eval()
         amp = MixedPrecision(cfg.train.mixed_precision, self.device.type)
-        images, _ = synthetic_batch(cfg, 1, self.device)
+        images, _ = synthetic_batch(cfg, 1, self.device, cfg.profile.inputs)
         seconds = []
         try:
             for i in range(INFER_WARMUP + INFER_ITERS):
