@@ -105,9 +105,11 @@ def _bounded(emb, size, mu, kk, x, exact, exact_s, multiple) -> dict:
             "differ_from_knn_exact": len(differ), "differ_and_separated": separated}
 
 
-def init_cell(classes: int, crop: int, backbone: str, kk: int, multiples: list[int]) -> dict:
-    out, target = profiler_cell(classes, crop, backbone, kk)
-    return {"source": f"esskit profile's cell: {backbone} random init, noise image {crop}², C = {classes}, d = 12",
+def init_cell(classes: int, crop: int, backbone: str, kk: int, multiples: list[int],
+              inputs: str = "noise") -> dict:
+    out, target = profiler_cell(classes, crop, backbone, kk, inputs)
+    image = "noise image" if inputs == "noise" else "synthetic dataset image"
+    return {"source": f"esskit profile's cell: {backbone} random init, {image} {crop}², C = {classes}, d = 12",
             "k+1": kk, **compare(out["embeddings"], out["class_embeddings"], target.shape[-2:], kk, multiples,
                                  target.reshape(-1).clamp_min(0))}
 
@@ -138,6 +140,8 @@ def main() -> None:
     parser.add_argument("--init", default="150,1284", help="C of the profiler's random-init cells ('' skips them)")
     parser.add_argument("--backbone", default="resnet50")
     parser.add_argument("--crop", type=int, default=512)
+    parser.add_argument("--inputs", choices=["noise", "synthetic"], default="noise",
+                        help="the random-init cells' image (esskit profile --inputs)")
     parser.add_argument("--runs", type=Path, nargs="*", default=[])
     parser.add_argument("--images", type=int, default=16)
     parser.add_argument("--multiples", default="2,3,4", help="keys kept per decoder pixel, in units of k+1")
@@ -146,7 +150,8 @@ def main() -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)  # the random-init cells' weights and noise images
     multiples = [int(v) for v in args.multiples.split(",")]
-    rows = [init_cell(int(c), args.crop, args.backbone, 9, multiples) for c in args.init.split(",") if c]
+    rows = [init_cell(int(c), args.crop, args.backbone, 9, multiples, args.inputs)
+            for c in args.init.split(",") if c]
     rows += [row for run in args.runs for row in trained_run(run, args.images, multiples)]
     args.out.mkdir(parents=True, exist_ok=True)
     settings = {"device": f"{cpu_name()}, 1 torch thread", "torch": torch.__version__}

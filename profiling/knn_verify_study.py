@@ -74,13 +74,14 @@ def pass_rates(emb: torch.Tensor, size, mu: torch.Tensor, keep: torch.Tensor, kk
 
 
 @torch.no_grad()
-def profiler_cell(classes: int, crop: int, backbone: str, kk: int) -> tuple[dict, torch.Tensor]:
-    """The output and target of `esskit profile`'s cell: a random-init model (train mode), one noise
-    image, d = 12, k = kk - 1."""
+def profiler_cell(classes: int, crop: int, backbone: str, kk: int,
+                  inputs: str = "noise") -> tuple[dict, torch.Tensor]:
+    """The output and target of `esskit profile`'s cell: a random-init model (train mode), one image
+    (`esskit profile --inputs`: noise, or the synthetic dataset's), d = 12, k = kk - 1."""
     cfg = cell_config(build_config({"model": {"embed_dim": 12}, "method": {"k": kk - 1}}), method="ess",
                       num_classes=classes, backbone=backbone, crop=(crop, crop), precision="no")
     model, _ = build_training(cfg, "cpu")
-    images, target = synthetic_batch(cfg, 1, "cpu")
+    images, target = synthetic_batch(cfg, 1, "cpu", inputs)
     return model(images), target
 
 

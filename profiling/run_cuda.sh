@@ -113,7 +113,7 @@ for part in $parts; do
            run $b4 --classes 1284 --methods ess $fused --set method.knn_at=feature_exact \
              --out "$r-b4-fused-knn_at-feature_exact-cuda"
            # the same on the synthetic dataset's images and region labels: noise images leave 27 % of the
-           # label pixels to feature_exact's full search at this random init, synthetic ones 3.5 % (CPU);
+           # label pixels to feature_exact's full search at this random init, synthetic ones 4.6 % (CPU);
            # region labels also meet the fused Eq. 6 backward's atomics as real masks do
            for at in label feature_exact; do
              name=$([ $at = label ] && echo "" || echo "-knn_at-$at")
