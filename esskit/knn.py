@@ -198,8 +198,9 @@ def _first_tap(i: int, out_size: int, in_size: int) -> int:
 
 # Keys kept per decoder pixel for knn_at = "feature_exact", as a multiple of the k+1 searched (m = 18 at
 # k = 8; the default of method.knn_bound_keys). CPU, C = 1284, Eq. 6's negatives, against the search
-# per label pixel: x3.1 on a synthetic run trained 150 steps (2.2 % of its pixels need the full
-# search); x1.5 at the profiler's random-init cell, where 27 % do (x1.6 at 3(k+1), 7 %).
+# per label pixel: x2.8-3.1 on a synthetic run trained 150 steps (2.2-2.3 % of its pixels need the full
+# search); x1.4-1.5 at the profiler's random-init cell, where 27-34 % do (x1.6 at 3(k+1), 7-10 %), and
+# x2.3 on a synthetic dataset image there (5.5 %).
 # profiling/README.md, "An exact search at the decoder's stride".
 BOUNDED_CANDIDATES_PER_K = 2
 # Unions are padded to the count that covers all but UNION_CUT of the cells; the pixels of the cells

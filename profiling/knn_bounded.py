@@ -148,10 +148,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    torch.manual_seed(0)  # the random-init cells' weights and noise images
     multiples = [int(v) for v in args.multiples.split(",")]
-    rows = [init_cell(int(c), args.crop, args.backbone, 9, multiples, args.inputs)
-            for c in args.init.split(",") if c]
+    rows = []
+    for c in filter(None, args.init.split(",")):
+        torch.manual_seed(0)  # each cell's weights (and noise image) the same draw whatever --inputs and --init
+        rows.append(init_cell(int(c), args.crop, args.backbone, 9, multiples, args.inputs))
     rows += [row for run in args.runs for row in trained_run(run, args.images, multiples)]
     args.out.mkdir(parents=True, exist_ok=True)
     settings = {"device": f"{cpu_name()}, 1 torch thread", "torch": torch.__version__}

@@ -106,14 +106,14 @@ for part in $parts; do
            run $b8 --classes 19,150,1284 --methods ess,ess_full $fused --out "$r-b8-fused-cuda"
            run $b8 --classes 150,1284 --methods ess $fused --set method.knn_at=feature_exact \
              --out "$r-b8-fused-knn_at-feature_exact-cuda"
-           # longer lists: at this random-init cell 7 % of the label pixels fall back instead of 27 % (CPU, one image)
+           # longer lists: at this random-init cell 10 % of the label pixels fall back instead of 34 % (CPU, one image)
            run $b8 --classes 1284 --methods ess $fused --set method.knn_at=feature_exact --set method.knn_bound_keys=3 \
              --out "$r-b8-fused-knn_at-feature_exact-keys3-cuda"
            run $b4 --classes 1284 --methods baseline,ess,ess_full $fused --out "$r-b4-fused-cuda"
            run $b4 --classes 1284 --methods ess $fused --set method.knn_at=feature_exact \
              --out "$r-b4-fused-knn_at-feature_exact-cuda"
-           # the same on the synthetic dataset's images and region labels: noise images leave 27 % of the
-           # label pixels to feature_exact's full search at this random init, synthetic ones 4.6 % (CPU);
+           # the same on the synthetic dataset's images and region labels: noise images leave 34 % of the
+           # label pixels to feature_exact's full search at this random init, synthetic ones 5.5 % (CPU);
            # region labels also meet the fused Eq. 6 backward's atomics as real masks do
            for at in label feature_exact; do
              name=$([ $at = label ] && echo "" || echo "-knn_at-$at")

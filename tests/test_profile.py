@@ -8,7 +8,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from typer.testing import CliRunner
 
 from esskit.cli import app
-from esskit.config import Config, build_config
+from esskit.config import Config, ProfileConfig, build_config
 from esskit.errors import ConfigError
 from esskit.profile.estimate import MIB, MemoryTracker, block_bytes, estimate_training_peak
 from esskit.profile.report import table6
@@ -266,7 +266,9 @@ def test_cuda_measurer_control_flow_without_a_gpu(monkeypatch):
     builds = []
     monkeypatch.setattr(measure, "build_training",
                         lambda cfg, device: builds.append(cfg.method.name) or (torch.nn.Linear(1, 1), None))
-    monkeypatch.setattr(measure, "synthetic_batch", lambda cfg, batch, device, inputs, step=0: (batch, None))
+    inputs_seen = []
+    monkeypatch.setattr(measure, "synthetic_batch",
+                        lambda cfg, batch, device, inputs, step=0: inputs_seen.append(inputs) or (batch, None))
     monkeypatch.setattr(measure, "inference_step", lambda model, images, amp, cfg: None)
     estimated_at = []
     monkeypatch.setattr(measure, "estimate_training_peak",
@@ -285,7 +287,9 @@ def test_cuda_measurer_control_flow_without_a_gpu(monkeypatch):
     monkeypatch.setattr(measure, "training_step", step)
     measurer = measure.CudaMeasurer(12 * 2**30)
     assert calls["fraction"] == pytest.approx(12 / 48) and "capped at 12 GiB" in measurer.device_name
-    cfg = cell_config(Config(), method="ess", num_classes=19, backbone="resnet18", crop=(64, 64), precision="no")
+    # synthetic inputs for the times; the memory trials keep noise (the worst case, as the estimate's)
+    synthetic = Config(profile=ProfileConfig(inputs="synthetic"))
+    cfg = cell_config(synthetic, method="ess", num_classes=19, backbone="resnet18", crop=(64, 64), precision="no")
     assert measurer.try_batch(cfg, 6) == Trial(6, True, 3 * MIB, 2 * MIB)
     assert measurer.try_batch(cfg, 7) == Trial(7, False, None, None)
     assert measurer.timer.training(cfg)[0].weight.grad is None  # the failed trial's gradients are gone
@@ -293,7 +297,10 @@ def test_cuda_measurer_control_flow_without_a_gpu(monkeypatch):
     assert not too_large.fits and "invalid argument" in too_large.failure
     spec = ProfileSpec(classes=[19], batch=100)
     assert _note(spec, 0, [too_large]).startswith("batch 100 does not run: a kernel refused")
+    assert set(inputs_seen) == {"noise"}
+    inputs_seen.clear()
     row = measurer.extra(cfg, 6)
+    assert set(inputs_seen) == {"synthetic"}
     assert row["estimated_peak_mib"] == 5.0 and row["train_s_per_iter"] >= 0 and row["infer_s_per_img"] >= 0
     assert row["estimated_peak_allocated_mib"] == 4.0 and estimated_at == [6]
     # Table 6 compares each estimate with its own measurement: reserved with reserved, allocated with allocated
@@ -402,10 +409,22 @@ def test_profile_cli_times_steps_on_the_synthetic_datasets_inputs(tmp_path, monk
     assert run["settings"]["inputs"] == "synthetic" and run["rows"][0]["knn_share"] > 0
     again = CliRunner().invoke(app, [*options, "--out", str(tmp_path / "p")])
     assert again.exit_code == 2 and "inputs synthetic here, noise now" in again.output
+    # a folder from before the inputs were recorded ran on noise: refused too
+    settings = json.loads((tmp_path / "p" / "results.json").read_text())
+    del settings["settings"]["inputs"]
+    settings["settings"]["inputs_was"] = "unrecorded"
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "results.json").write_text(json.dumps(settings))
+    old = CliRunner().invoke(app, [*options, "--inputs", "synthetic", "--out", str(tmp_path / "old")])
+    assert old.exit_code == 2 and "inputs noise here, synthetic now" in old.output
+    assert "synthetic inputs" in (tmp_path / "p" / "table7.md").read_text()
+    meta = CliRunner().invoke(app, ["profile", "--device", "meta", "--inputs", "synthetic", "--out", str(tmp_path / "m")])
+    assert meta.exit_code == 2 and "--device meta times nothing" in meta.output
     bad = CliRunner().invoke(app, [*options, "--inputs", "photos", "--out", str(tmp_path / "q")])
     assert bad.exit_code == 2 and "--inputs 'photos' is not one of noise, synthetic" in bad.output
     base, keys = load_base(None, [])
-    assert default_out_dir(spec_from_options(base, keys, inputs="synthetic")).name.endswith("-synthetic-meta")
+    spec = spec_from_options(base, keys, inputs="synthetic", device="cpu")
+    assert default_out_dir(spec).name.endswith("-synthetic-cpu")
 
 
 def test_synthetic_inputs_are_the_datasets_images_normalised():

@@ -89,14 +89,19 @@ GRID_KEYS = ("backbone", "crop", "precision", "budget_gib", "classes", "methods"
              "loss_kernel", "inputs", "config")
 
 
+# settings recorded since a later session, with the value that every earlier run had
+RECORDED_SINCE = {"inputs": "noise"}
+
+
 def check_out_dir(out_dir: Path, settings: dict) -> None:
     """Refuse an --out whose results.json another grid wrote: the first saved cell would replace them."""
     try:
         old = json.loads((out_dir / "results.json").read_text())["settings"]
     except (OSError, ValueError, KeyError, TypeError):
         return
-    differ = [f"{key} {old[key]} here, {settings[key]} now" for key in GRID_KEYS if key in old
-              and old[key] != settings[key]]
+    # a folder (or settings) from before a key was recorded ran its default
+    old, new = {**RECORDED_SINCE, **old}, {**RECORDED_SINCE, **settings}
+    differ = [f"{key} {old[key]} here, {new[key]} now" for key in GRID_KEYS if key in old and old[key] != new[key]]
     if differ:
         raise ConfigError(f"--out {out_dir} holds the results of another profile ({'; '.join(differ)}); name "
                           f"another --out, or delete that folder to replace them")

@@ -84,8 +84,9 @@ def _title(settings: dict) -> str:
     # results from before these settings were recorded name no kernels (their command line does)
     kernels = (f"kNN {settings['knn']}, loss kernel {settings['loss_kernel']}, " if "loss_kernel" in settings
                else "")
+    inputs = "" if settings.get("inputs", "noise") == "noise" else f"{settings['inputs']} inputs, "
     return (f"{settings['backbone']}, crop {settings['crop']}, d={settings['embed_dim']}, k={settings['k']}, "
-            f"{precision}, {kernels}{settings['budget_gib']:g} GiB budget, {settings['source']} on "
+            f"{precision}, {kernels}{inputs}{settings['budget_gib']:g} GiB budget, {settings['source']} on "
             f"{settings['device_name']}")
 
 

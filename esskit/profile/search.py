@@ -117,6 +117,9 @@ class ProfileSpec:
             raise ConfigError(f"--batch {self.batch} must be 0 (search the max batch) or a batch size >= 1")
         if min(self.crop) < 1:
             raise ConfigError(f"--crop {self.crop[0]}x{self.crop[1]} must be positive, e.g. 512 or 400x800")
+        if self.device == "meta" and self.base.profile.inputs != "noise":
+            raise ConfigError(f"--inputs {self.base.profile.inputs} sets what timed steps see, and --device meta times "
+                              f"nothing; use --device cuda or cpu, or drop --inputs")
 
     @property
     def budget_bytes(self) -> int:

@@ -85,7 +85,9 @@ def synthetic_batch(cfg: Config, batch: int, device, inputs: str = "noise",
     every pixel enters the loss (the worst case for memory), and the fake-tensor estimate relies on
     it (see estimate.py). "synthetic" (`profile.inputs`, timed steps only): batch `index` of the
     synthetic dataset's images, normalised as the trainer's, and its labels (regions of Zipf-drawn
-    classes, thin ignore borders); drawn in threads (numpy releases the GIL; ~0.07 s an image at 512²)."""
+    classes, thin ignore borders). Each is drawn square at the crop's long side and cut to the crop
+    at its top left, without the trainer's rescaling and flips; drawn in threads (numpy releases the
+    GIL; ~0.07 s an image at 512²)."""
     h, w = cfg.data.crop
     if inputs == "synthetic":
         data = SyntheticSegmentation(cfg.data.num_classes, batch * (index + 1), max(h, w, SYNTHETIC_MIN_IMAGE_SIZE))
