@@ -291,7 +291,7 @@ class BoundedNeighbours:
         """Label rows r0..r1-1 (global: image * H + y), pixels lo..hi-1 of them -> (the k best ids
         in each pixel's union, nearest first, or the k - 1 best other than `target`; whether the
         bound proves them)."""
-        (batch, h, w), height = self.grid, self.rows[0].shape[0]
+        (_, h, w), height = self.grid, self.rows[0].shape[0]
         label_row = torch.arange(r0, r1, device=self.ids.device)
         cell_row = label_row // height * h + self.rows[0][label_row % height]  # [R] into B*h, ascending
         # the band's cell rows, from Python ints (no GPU sync; fake tensors have no values)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from esskit import losses
 from esskit.config import build_config
-from esskit.profile.estimate import MIB, Estimator, estimate_training_peak
+from esskit.profile.estimate import Estimator, estimate_training_peak
 from esskit.profile.search import max_batch_size
 from esskit.profile.step import cell_config
 
