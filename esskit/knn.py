@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import is_fake
 
+from esskit.config import MethodConfig
 from esskit.errors import ConfigError
 
 DEFAULT_CHUNK_BYTES = 64 * 2**20  # = method.knn_chunk_mib default
@@ -197,12 +198,12 @@ def _first_tap(i: int, out_size: int, in_size: int) -> int:
 
 
 # Keys kept per decoder pixel for knn_at = "feature_exact", as a multiple of the k+1 searched (m = 18 at
-# k = 8; the default of method.knn_bound_keys). CPU, C = 1284, Eq. 6's negatives, against the search
-# per label pixel: x2.8-3.1 on a synthetic run trained 150 steps (2.2-2.3 % of its pixels need the full
-# search); x1.4-1.5 at the profiler's random-init cell, where 27-34 % do (x1.6 at 3(k+1), 7-10 %), and
-# x2.3 on a synthetic dataset image there (5.5 %).
+# k = 8): method.knn_bound_keys's default, one value for the config and the functions below. CPU,
+# C = 1284, Eq. 6's negatives, against the search per label pixel: x2.8-3.1 on a synthetic run trained
+# 150 steps (2.2-2.3 % of its pixels need the full search); x1.4-1.5 at the profiler's random-init
+# cell, where 27-34 % do (x1.6 at 3(k+1), 7-10 %), and x2.3 on a synthetic dataset image there (5.5 %).
 # profiling/README.md, "An exact search at the decoder's stride".
-BOUNDED_CANDIDATES_PER_K = 2
+BOUNDED_CANDIDATES_PER_K = MethodConfig.knn_bound_keys
 # Unions are padded to the count that covers all but UNION_CUT of the cells; the pixels of the cells
 # with more ids get the full search: padding every cell to the longest union cost more than that.
 UNION_CUT = 0.02
