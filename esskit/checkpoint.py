@@ -38,7 +38,9 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, keep: in
         if accelerator.is_main_process:
             (tmp / STATE_FILE).write_text(json.dumps({"step": step}))
             _finish_tree(tmp)
-    except (OSError, SafetensorError) as e:  # e.g. a full disk: free what this save took
+    # a full disk: OSError from open/write, SafetensorError from the weights, RuntimeError from
+    # torch.save (optimizer.bin, random_states_N.pkl: "unexpected pos ..."); free what this save took
+    except (OSError, SafetensorError, RuntimeError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise TrainingError(f"cannot write {final.name} in {run_dir}: {e}; {newest_checkpoint_note(run_dir)}") from None
     if accelerator.is_main_process:

@@ -162,7 +162,7 @@ def profile(recipe: Annotated[Optional[Path], typer.Argument(help="Optional reci
                                         "(the synthetic dataset's images and region labels; default: "
                                         "profile.inputs, else noise)") = None,
             out: option_or_none(Path, "Output directory (default: profiling/results/"
-                                      "BACKBONE-CROP-PRECISION[-bN]-DEVICE)") = None,
+                                      "BACKBONE-CROP-PRECISION[-bN][-synthetic]-DEVICE)") = None,
             overrides: Overrides = None):
     """Max batch size, peak memory and step times per method and class count (paper Figure 1,
     Tables 6-7); writes results.csv/json, figure1.png, table6.md and table7.md."""
@@ -187,7 +187,8 @@ def predict(images: Annotated[list[Path], typer.Argument(help="Image files and/o
                                                   "a legend of the classes present")] = False,
             batch_size: Annotated[int, typer.Option(help="Images per forward pass (same-size images only)")] = 1):
     """Segment images at full resolution: NAME_labels.png (class ids; 8-bit up to 256 classes, else
-    16-bit), NAME_color.png (a fixed colour per class) and predictions.json (classes per image)."""
+    16-bit; above 65,536 NAME_labels.tif, 32-bit), NAME_color.png (a fixed colour per class) and
+    predictions.json (classes per image)."""
     from esskit.predict import run_predict
 
     try:

@@ -350,7 +350,9 @@ def _coerce(where: str, value, annotation):
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if not isinstance(value, annotation) or (annotation is not bool and isinstance(value, bool)):
-        raise ConfigError(f"{where} = {value!r} must be of type {annotation.__name__}")
+        example = {int: "8", float: "0.01 or 1e-3", bool: "true or false"}.get(annotation)
+        hint = f" (a TOML {annotation.__name__}, e.g. {example})" if isinstance(value, str) and example else ""
+        raise ConfigError(f"{where} = {value!r} must be of type {annotation.__name__}{hint}")
     if annotation is str and not value.isascii():  # argv bytes that are not UTF-8 arrive as lone surrogates
         try:
             value.encode("utf-8")
@@ -402,15 +404,17 @@ def build_config(raw: dict, source: str = "<dict>") -> Config:
         raise ConfigError(f"{source}: {e}") from None
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Read a TOML recipe (or defaults when `path` is None) and apply `section.key=value` overrides."""
+def load_config(path: str | Path | None, overrides: list[str] = (), hidden: list[str] = ()) -> Config:
+    """Read a TOML recipe (or defaults when `path` is None) and apply `section.key=value` overrides,
+    then `hidden` ones (a command's own, which error messages do not list as the user's --set)."""
     raw: dict = {}
     source = "defaults"
     if path is not None:
         path = Path(path)
         source = str(path)
         if not path.is_file():
-            raise ConfigError(f"recipe {path} not found; recipes live in recipes/*.toml")
+            what = "is a directory, not a TOML file" if path.is_dir() else "not found"
+            raise ConfigError(f"recipe {path} {what}; recipes live in recipes/*.toml")
         try:
             raw = tomllib.loads(path.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as e:
@@ -420,7 +424,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         except OSError as e:
             raise ConfigError(f"{path}: cannot read it ({e.strerror})") from None
     classes = _section_classes()
-    for text in overrides:
+    for text in [*overrides, *hidden]:
         section, name, literal, value = _parse_override(text)
         if section in classes and typing.get_type_hints(classes[section]).get(name) is str:
             value = value if isinstance(value, str) else literal  # data.val_split=2017

@@ -78,17 +78,18 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict | None:
     accelerator = make_accelerator(cfg)
     checkpoint = prepare_run_dir(run_dir, cfg, resume, accelerator.is_main_process)
     set_seed(cfg.train.seed)
+    # the data before the model: a bad data.root or val_split fails before pretrained weights download
+    train_set = build_split(cfg, "train_split", train=True)
+    val_set = build_split(cfg, "val_split", train=False)
+    if len(train_set) < (needed := cfg.train.batch_size * accelerator.num_processes):
+        per = f" x {accelerator.num_processes} processes = {needed}" if accelerator.num_processes > 1 else ""
+        raise ConfigError(f"train.batch_size = {cfg.train.batch_size}{per} is larger than the training set "
+                          f"({len(train_set)} images)")
     model = model_from_config(cfg, pretrained=False if resume else None)
     if cfg.train.sync_bn and accelerator.num_processes > 1:
         model = convert_sync_batchnorm(model, accelerator.device)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg.train.steps, cfg.optim.warmup_steps)
-    train_set = build_split(cfg, "train_split", train=True)
-    val_set = build_split(cfg, "val_split", train=False)  # now, so that a bad val_split fails before training
-    if len(train_set) < (needed := cfg.train.batch_size * accelerator.num_processes):
-        per = f" x {accelerator.num_processes} processes = {needed}" if accelerator.num_processes > 1 else ""
-        raise ConfigError(f"train.batch_size = {cfg.train.batch_size}{per} is larger than the training set "
-                          f"({len(train_set)} images)")
     sampler = EpochSampler(len(train_set), cfg.train.seed)
     loader = DataLoader(train_set, cfg.train.batch_size, sampler=sampler, drop_last=True,
                         num_workers=cfg.data.num_workers, pin_memory=accelerator.device.type == "cuda",
@@ -120,8 +121,10 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict | None:
             raise damaged(checkpoint, e) from None
         resume_schedule(optimizer, scheduler, cfg)
         report.info(accelerator, f"resumed from {checkpoint} at step {start}")
-    if accelerator.is_main_process:  # now that model, data and checkpoint load: a refused run leaves the old one
-        save_config(cfg, run_dir / "config.toml")
+    if accelerator.is_main_process:  # now that model, data and checkpoint load: a refused run leaves nothing
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not checkpoint:  # a resume writes it with its first checkpoint (a run that fails at its first step
+            save_config(cfg, run_dir / "config.toml")  # keeps the config its checkpoints were trained with)
     effective = cfg.train.batch_size * cfg.train.grad_accum * accelerator.num_processes
     report.info(accelerator, f"{cfg.method.name} {cfg.model.backbone} C={cfg.data.num_classes}, "
                 f"batch {cfg.train.batch_size} x {cfg.train.grad_accum} accum x {accelerator.num_processes} "
@@ -153,9 +156,11 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict | None:
             means = accelerator.reduce(torch.cat([sums / accum, stop_flag]), "mean").tolist()
             loss_value, parts, stop_any = means[0], dict(zip(parts, means[1:-1])), means[-1] > 0
             if not math.isfinite(loss_value):
+                first = f" (the first step after resuming: {checkpoint} may also be damaged)" if (
+                    checkpoint and done == start + 1) else ""
                 raise TrainingError(f"loss is {loss_value} at step {done}; no checkpoint was written for it "
                                     f"({newest_checkpoint_note(run_dir)}); lower optim.lr or disable "
-                                    f"train.mixed_precision")
+                                    f"train.mixed_precision{first}")
             if cfg.optim.clip_grad_norm:
                 accelerator.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad_norm)
             optimizer.step()
@@ -173,6 +178,8 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict | None:
             stopping = stop_any or (cfg.train.stop_after and done - start >= cfg.train.stop_after)
             if stopping or done == steps or (cfg.train.save_every and done % cfg.train.save_every == 0):
                 check_finite_state(accelerator, model, run_dir, done)
+                if accelerator.is_main_process:
+                    save_config(cfg, run_dir / "config.toml")  # what this checkpoint was trained with
                 save_checkpoint(accelerator, run_dir, done, cfg.train.keep_checkpoints)
             if stopping and done < steps:
                 report.info(accelerator, f"stopped at step {done}; checkpoint saved, continue with "
@@ -282,6 +289,7 @@ MEANING_KEYS = ("method.name", "method.normalize", "method.variant", "data.mean"
 def evaluate_checkpoint(cfg: Config, checkpoint_path: Path) -> dict:
     """`esskit evaluate`: the recipe's model with the checkpoint's weights on the validation split."""
     checkpoint = find_checkpoint(checkpoint_path)
+    step = checkpoint_step(checkpoint)  # now: a damaged trainer_state.json fails before the evaluation
     trained = checkpoint.parent / "config.toml"
     if trained.is_file():
         diffs = _differences(load_config(trained), cfg, MEANING_KEYS)
@@ -295,7 +303,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint_path: Path) -> dict:
     model = accelerator.prepare(model)
     result = evaluate(accelerator, model, cfg, val_set)
     run_dir = checkpoint.parent
-    finish_eval(accelerator, run_dir, cfg, result, checkpoint_step(checkpoint), log=False)  # not the training log
+    finish_eval(accelerator, run_dir, cfg, result, step, log=False)  # not the training log
     return result
 
 
@@ -326,6 +334,7 @@ def prepare_run_dir(run_dir: Path, cfg: Config, resume: bool, is_main: bool) -> 
         raise ConfigError(f"run directory {run_dir} already holds checkpoints; continue it with "
                           f"--resume {run_dir} or choose another --out")
     if is_main:
+        made = [p for p in (run_dir, *run_dir.parents) if not p.exists()]  # innermost first
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
             probe = run_dir / ".write-test"
@@ -333,6 +342,8 @@ def prepare_run_dir(run_dir: Path, cfg: Config, resume: bool, is_main: bool) -> 
             probe.unlink()
         except OSError as e:
             raise ConfigError(f"run directory {run_dir} is not writable: {e.strerror}") from None
+        for path in made:  # made again once model and data load: a run refused before then leaves no folder
+            path.rmdir()
     return checkpoint
 
 

@@ -140,11 +140,14 @@ def _predict_batch(run: Run, transform, pending: list, out: Path, overlay: bool)
 
 def write_prediction(run: Run, name: Path, image: torch.Tensor, labels: np.ndarray, out: Path,
                      overlay: bool) -> dict:
-    """Write NAME_labels.png (class ids: 8-bit up to 256 classes, else 16-bit), NAME_color.png and
-    optionally NAME_overlay.png (image, colour mask and a legend of the classes present)."""
+    """Write NAME_labels.png (class ids: 8-bit up to 256 classes, else 16-bit; above 65,536 classes
+    NAME_labels.tif, 32-bit), NAME_color.png and optionally NAME_overlay.png (image, colour mask and a
+    legend of the classes present)."""
     base = out / name
     base.parent.mkdir(parents=True, exist_ok=True)
-    write_mask(f"{base}_labels.png", labels, bits=8 if run.cfg.data.num_classes <= 256 else 16)
+    classes = run.cfg.data.num_classes
+    bits = 8 if classes <= 256 else 16 if classes <= 65536 else 32
+    write_mask(f"{base}_labels.{'tif' if bits == 32 else 'png'}", labels, bits=bits)
     color = colorize(labels, run.palette)
     Image.fromarray(color).save(f"{base}_color.png")
     ids, counts = np.unique(labels, return_counts=True)

@@ -91,6 +91,13 @@ def test_16bit_mask_round_trip(tmp_path):
         assert image.mode == "I;16"
     with pytest.raises(ValueError):
         write_mask(tmp_path / "bad.png", np.array([[300]]), bits=8)
+    wide = np.array([[0, 65535, 65536, 99999, 2**31 - 1]])  # past PNG's 16 bits: a 32-bit TIFF
+    write_mask(tmp_path / "m.tif", wide, bits=32)
+    with Image.open(tmp_path / "m.tif") as image:
+        assert image.mode == "I" and image.format == "TIFF"
+    assert np.array_equal(read_mask(tmp_path / "m.tif"), wide)
+    with pytest.raises(ValueError, match="do not fit in 16-bit PNG"):
+        write_mask(tmp_path / "bad.png", wide, bits=16)
     assert not list(tmp_path.glob(".*partial"))
 
 

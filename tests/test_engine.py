@@ -160,7 +160,8 @@ def test_existing_run_directory_is_not_overwritten(tmp_path):
 
 @pytest.mark.parametrize("override, message", [
     ("method.kk=3", "unknown key method.kk (did you mean 'k'?)"),
-    ("train.steps=many", "train.steps = 'many' must be of type int"),
+    ("train.steps=many", "train.steps = 'many' must be of type int (a TOML int, e.g. 8)"),
+    ("optim.lr=.01", "optim.lr = '.01' must be of type float (a TOML float, e.g. 0.01 or 1e-3)"),
     ("method.name=softmax", "method.name = 'softmax' is not one of"),
     ("data.name=imagenet", "data.name = 'imagenet' is not one of"),
 ])
@@ -174,6 +175,8 @@ def test_bad_input_is_one_line_error(tmp_path, override, message):
 def test_missing_recipe(tmp_path):
     result = runner.invoke(app, ["train", str(tmp_path / "nope.toml")])
     assert result.exit_code == 2 and "nope.toml not found" in result.output
+    result = runner.invoke(app, ["train", str(tmp_path)])
+    assert result.exit_code == 2 and f"recipe {tmp_path} is a directory, not a TOML file" in result.output
 
 
 def test_label_outside_classes_names_the_sample(tmp_path, monkeypatch):

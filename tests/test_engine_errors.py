@@ -75,10 +75,14 @@ def test_logged_loss_and_lr_are_those_of_the_step(tmp_path, monkeypatch):
     assert [r["lr"] for r in steps] == pytest.approx([0.002, 0.002 * 0.5 ** 0.9])
 
 
-def test_bad_val_split_fails_before_training(tmp_path):
-    run = tmp_path / "run"
-    one_line_error(train(run, "data.val_split=test"), "data.val_split = 'test'")
-    assert not checkpoints(run)
+def test_bad_data_fails_before_the_model_and_leaves_no_run_folder(tmp_path, monkeypatch):
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model (and its pretrained weights) came before the data check")
+
+    monkeypatch.setattr(engine, "model_from_config", no_model)
+    run = tmp_path / "new" / "run"
+    one_line_error(train(run, "data.val_split=test", "model.pretrained=true"), "data.val_split = 'test'")
+    assert not (tmp_path / "new").exists()  # the folders the writability check made are gone again
 
 
 def test_eval_batch_of_different_image_sizes_asks_for_batch_size_1(tmp_path, monkeypatch):
@@ -173,7 +177,7 @@ def test_batchnorm_with_one_value_per_channel_is_a_one_line_error(tmp_path):
     one_line_error(result, "train.batch_size = 1", "data.crop = [16, 16]", "model.norm = 'gn'")
 
 
-def test_refused_resume_keeps_config_and_evaluate_checks_what_the_weights_mean(tmp_path):
+def test_refused_resume_keeps_config_and_evaluate_checks_what_the_weights_mean(tmp_path, monkeypatch):
     run = tmp_path / "run"
     assert train(run, "train.stop_after=1", "method.normalize=false").exit_code == 0
     saved = (run / "config.toml").read_text()
@@ -181,7 +185,13 @@ def test_refused_resume_keeps_config_and_evaluate_checks_what_the_weights_mean(t
     one_line_error(train(run, "method.normalize=false", "train.steps=8", "data.val_split=vall", resume=True),
                    "data.val_split = 'vall'")
     assert (run / "config.toml").read_text() == saved
+    # ... and so does one that fails at its first step (written with the resume's first checkpoint)
+    monkeypatch.setattr(engine, "segmentation_loss", lambda *a: (_ for _ in ()).throw(engine.ConfigError("no")))
+    one_line_error(train(run, "method.normalize=false", "train.steps=8", resume=True), "error: no")
+    assert (run / "config.toml").read_text() == saved
+    monkeypatch.undo()
     assert train(run, "method.normalize=false", resume=True).exit_code == 0
+    assert "steps = 2" in (run / "config.toml").read_text()
     logged = records(run)
     # the checkpoint was trained on raw vectors: evaluating it as a normalised model is refused
     one_line_error(esskit("evaluate", str(RECIPE), "--checkpoint", str(run), overrides=TINY),
@@ -266,8 +276,10 @@ def test_damaged_or_renamed_checkpoints(tmp_path):
                        f"move it aside to use {run / 'checkpoint-00000001'}")
     assert (run / "config.toml").read_text() == saved  # the refused resume (train.steps = 3) left the run's recipe
     (run / "checkpoint-00000001" / "trainer_state.json").write_text('{"step": ')
-    one_line_error(esskit("evaluate", str(RECIPE), "--checkpoint", str(run / "checkpoint-00000001"), overrides=TINY),
-                   "is damaged (trainer_state.json: Expecting value", "no older checkpoint")
+    with pytest.MonkeyPatch.context() as patch:  # refused before the evaluation, not after it
+        patch.setattr(engine, "evaluate", lambda *a: pytest.fail("evaluated a damaged checkpoint"))
+        one_line_error(esskit("evaluate", str(RECIPE), "--checkpoint", str(run / "checkpoint-00000001"),
+                              overrides=TINY), "is damaged (trainer_state.json: Expecting value", "no older checkpoint")
 
 
 @pytest.mark.parametrize("content", [b"", b"garbage\n"])
@@ -282,7 +294,10 @@ def test_unreadable_rng_states_refuse_the_resume(tmp_path, content):
                    f"move it aside to use {run / 'checkpoint-00000001'}")
 
 
-def test_a_failed_save_is_one_line_and_frees_its_space(tmp_path, monkeypatch):
+# a full disk as safetensors / open() report it, and as torch.save does (optimizer.bin, *.pkl)
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"),
+                                   RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 3528 vs 3516")])
+def test_a_failed_save_is_one_line_and_frees_its_space(tmp_path, monkeypatch, error):
     import accelerate
 
     real, calls = accelerate.Accelerator.save_state, []
@@ -291,12 +306,12 @@ def test_a_failed_save_is_one_line_and_frees_its_space(tmp_path, monkeypatch):
         calls.append(output_dir)
         real(self, output_dir, **kwargs)
         if len(calls) == 2:
-            raise OSError(28, "No space left on device")
+            raise error
 
     monkeypatch.setattr(accelerate.Accelerator, "save_state", full_disk)
     run = tmp_path / "run"
     one_line_error(train(run, "train.save_every=1", "train.steps=3"),
-                   f"cannot write checkpoint-00000002 in {run}: [Errno 28] No space left on device",
+                   f"cannot write checkpoint-00000002 in {run}: {error}",
                    f"the newest one, {run / 'checkpoint-00000001'}, is intact")
     assert sorted(p.name for p in run.iterdir() if "checkpoint" in p.name) == ["checkpoint-00000001"]
 

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from esskit.cli import app
 from esskit.config import load_config
+from esskit.data.images import read_mask
 from esskit.data.synthetic import SyntheticSegmentation
 from esskit.engine import model_from_config
 from esskit.palette import CITYSCAPES_COLORS, generated_palette, palette_for, voc_palette
@@ -170,6 +171,28 @@ def test_predict_16bit_labels_above_255_classes(tmp_path_factory, tmp_path):
     labels = np.asarray(labels_png)
     assert_best(labels, reference_cost(run, image))
     assert labels.max() < 300
+
+
+def test_predict_32bit_tiff_labels_above_65536_classes(tmp_path_factory, tmp_path):
+    """PNG's 16 bits hold 65,536 class ids; above that NAME_labels.tif, a 32-bit TIFF (read_mask reads it)."""
+    run = trained_run(tmp_path_factory, "c70k", "data.num_classes=70000", "method.k=4", "model.embed_dim=8")
+    image = save_images(tmp_path / "images")[0]
+    result = runner.invoke(app, ["predict", "--checkpoint", str(run), str(image), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert not (tmp_path / "out" / "a_labels.png").exists()
+    with Image.open(tmp_path / "out" / "a_labels.tif") as tif:
+        assert tif.mode == "I"
+    labels = read_mask(tmp_path / "out" / "a_labels.tif")
+    cfg, model = trained_model(run)  # brute force nearest class, in row chunks ([4096, 70000] is 1 GiB)
+    rgb = torch.from_numpy(np.array(Image.open(image).convert("RGB"))).permute(2, 0, 1).float() / 255
+    with torch.no_grad():
+        out = model(((rgb - torch.tensor(cfg.data.mean)[:, None, None]) / torch.tensor(cfg.data.std)[:, None, None])[None])
+    emb = F.normalize(F.interpolate(out["embeddings"], size=rgb.shape[-2:], mode="bilinear")[0].flatten(1).T, dim=1)
+    mu = F.normalize(out["class_embeddings"], dim=1)
+    chosen = (emb - mu[torch.from_numpy(labels.ravel())]).norm(dim=1)
+    best = torch.cat([torch.cdist(rows, mu).min(1).values for rows in emb.split(512)])
+    assert (chosen <= best + 1e-4).all()
+    assert labels.max() >= 256 and labels.max() < 70000  # ids past 8 bits, none past C
 
 
 def test_palettes_are_stable_and_distinct():

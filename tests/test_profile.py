@@ -189,6 +189,9 @@ def test_profile_cli_reports_bad_options_in_one_line(tmp_path):
     assert result.exit_code == 2 and "--methods: no method given" in result.output
     result = CliRunner().invoke(app, ["profile", "--set", "profile.methods=[]", "--out", str(tmp_path)])
     assert result.exit_code == 2 and "profile.methods is empty" in result.output
+    # the error names the user's --set only, not the class count the profiler checks with
+    result = CliRunner().invoke(app, ["profile", "--set", "foo.bar=1", "--classes", "19", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and result.output.startswith("error: defaults with --set foo.bar=1: unknown"), result.output
     (tmp_path / "a_file").write_text("")  # refused before the first (minutes-long) cell, not after it
     result = CliRunner().invoke(app, ["profile", "--device", "meta", "--classes", "19", "--methods", "ess",
                                       "--backbone", "resnet18", "--crop", "16", "--out", str(tmp_path / "a_file")])

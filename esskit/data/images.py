@@ -60,7 +60,7 @@ def labels_from_pil(image: Image.Image, where: str | Path) -> np.ndarray:
 
 
 def read_mask(path: str | Path) -> np.ndarray:
-    """Label values of a mask PNG as int64 [H, W]; 16-bit PNGs keep values above 255."""
+    """Label values of a mask PNG (or 32-bit TIFF) as int64 [H, W]; 16-bit PNGs keep values above 255."""
     try:
         with Image.open(path) as image:
             return labels_from_pil(image, path)
@@ -69,7 +69,8 @@ def read_mask(path: str | Path) -> np.ndarray:
 
 
 def write_mask(path: str | Path, values: np.ndarray, bits: int | None = None) -> None:
-    """Write label values as a greyscale PNG: 16-bit ("I;16") when `bits` = 16 or any value > 255.
+    """Write label values as a greyscale PNG: 16-bit ("I;16") when `bits` = 16 or any value > 255;
+    `bits` = 32 writes a 32-bit TIFF ("I", deflated) instead, as PNG has no wider greyscale.
 
     Written to a temporary name and renamed, so an interrupted run never leaves a truncated PNG that
     a resumed `esskit build-dataset` would take for finished.
@@ -77,12 +78,13 @@ def write_mask(path: str | Path, values: np.ndarray, bits: int | None = None) ->
     values = np.asarray(values)
     low, high = (int(values.min()), int(values.max())) if values.size else (0, 0)
     bits = bits or (16 if high > 255 else 8)
-    if low < 0 or high >= 2**bits:
-        raise ValueError(f"mask values {low}..{high} do not fit in {bits}-bit PNG {path}")
-    image = Image.fromarray(values.astype(np.uint16 if bits == 16 else np.uint8))
+    kind = "TIFF" if bits == 32 else "PNG"
+    if low < 0 or high >= 2 ** min(bits, 31):
+        raise ValueError(f"mask values {low}..{high} do not fit in {bits}-bit {kind} {path}")
     path = Path(path)
     partial = path.with_name(f".{path.name}.partial")
-    image.save(partial, format="PNG")
+    image = Image.fromarray(values.astype({8: np.uint8, 16: np.uint16, 32: np.int32}[bits]))
+    image.save(partial, format=kind, **({"compression": "tiff_adobe_deflate"} if bits == 32 else {}))
     os.replace(partial, path)
 
 

@@ -58,7 +58,7 @@ def load_base(recipe: Path | None, overrides: list[str], classes: str | None = N
             raise ConfigError(f"--classes {classes}: give class counts >= 2, e.g. --classes 19,150,1284")
         # method.k < C binds ess cells only; run_profile checks each (method, C) cell's own config
         largest = [f"data.num_classes={max(counts)}", "method.name=baseline"]
-    cfg = load_config(recipe, overrides + largest)  # validates, with errors that name the key
+    cfg = load_config(recipe, overrides, hidden=largest)  # validates, with errors that name the key
     keys = {text.split("=", 1)[0].strip() for text in overrides}
     if recipe is not None:
         raw = tomllib.loads(Path(recipe).read_text())
