@@ -19,12 +19,30 @@ import torch
 from torch._subclasses.fake_tensor import is_fake
 
 from esskit.data import IGNORE_INDEX
+from esskit.errors import ConfigError
 from esskit.knn_triton import launch_ranges, require_triton, triton
 from esskit.lean_loss import NORMALIZE_EPS, FullCrossEntropy, mu_grad
 from esskit.loss_triton import BLOCK_N
 
 BLOCK_C = 64  # classes per tile, by BLOCK_N pixels (tl.dot needs >= 16 on each side)
 SPLIT_PROGRAMS = 2048  # the dL/dmu kernel splits the pixels so that about this many programs run
+
+
+def shared_memory_bytes(d: int) -> int:
+    """Shared memory per program of the largest of the three kernels (dL/dmu, its pixel loop pipelined
+    in Triton's default 3 stages): ptxas for sm_80 and sm_90 (Triton 3.8, 4 warps) gives 34 / 51 / 83 /
+    149 / 280 KB at a padded d of 16 / 32 / 64 / 128 / 256, 17.5 KB + 1 KB per padded dimension."""
+    return 17_920 + 1_024 * max(16, 1 << (d - 1).bit_length())
+
+
+def check_shared_memory(d: int, limit: int, gpu: str) -> None:
+    """The one-line error where a GPU's shared memory per block (`limit` bytes) is too small for the
+    kernels at this d (Triton would fail at launch with OutOfResources)."""
+    if limit and shared_memory_bytes(d) > limit:
+        raise ConfigError(f"method.loss_kernel = 'triton' with method.name = 'ess_full' needs "
+                          f"{shared_memory_bytes(d) // 1024} KiB of shared memory per block at model.embed_dim = {d}; "
+                          f"{gpu} has {limit // 1024} KiB: set method.loss_kernel = 'torch' or a smaller "
+                          f"model.embed_dim")
 
 if triton is not None:
     import triton.language as tl
@@ -167,4 +185,7 @@ def fused_full_cross_entropy(x, mu, target, tau: float, normalize: bool, rows: i
     if is_fake(x):
         return FullCrossEntropy.apply(x, mu, target, tau, normalize, rows)
     require_triton(x, "method.loss_kernel")
+    if x.is_cuda:
+        props = torch.cuda.get_device_properties(x.device)
+        check_shared_memory(x.shape[1], getattr(props, "shared_memory_per_block_optin", 0), props.name)
     return FusedFullCrossEntropy.apply(x, mu, target, tau, normalize)

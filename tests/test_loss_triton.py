@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from esskit.errors import ConfigError
-from esskit.full_loss_triton import fused_full_cross_entropy
+from esskit.full_loss_triton import check_shared_memory, fused_full_cross_entropy, shared_memory_bytes
 from esskit.loss_triton import fused_candidate_cross_entropy
 from test_knn_triton import ROOT, _interpreted, compile_for_hopper
 
@@ -166,6 +166,19 @@ def test_fused_kernels_compile_for_hopper():
         constexprs = extra if "C" in extra else {**consts, **extra}
         signature = {**signature, **dict.fromkeys(constexprs, "constexpr")}
         assert compile_for_hopper(fn, signature, constexprs).asm["cubin"]
+    # ess_full's shared memory as `shared_memory_bytes` states it, at a padded d of 16 and 128 (its
+    # pixel loop pipelined: SPLIT_BLOCKS >= 2); H100 and H200 allow 227 KiB, d = 256 needs 280
+    for d in (12, 100):
+        dims = {**full, "D": d, "DP": max(16, 1 << (d - 1).bit_length())}
+        for fn, signature, extra in kernels[3:]:
+            constexprs = {**dims, **({"SPLIT_BLOCKS": 2} if "SPLIT_BLOCKS" in extra else {})}
+            shared = compile_for_hopper(fn, {**signature, **dict.fromkeys(constexprs, "constexpr")},
+                                        constexprs).metadata.shared
+            assert shared <= shared_memory_bytes(d) and (fn is not _full_backward_mu or shared > 0.9 * shared_memory_bytes(d))
+    check_shared_memory(12, 232_448, "H100")
+    with pytest.raises(ConfigError, match="needs 273 KiB of shared memory per block at model.embed_dim = 200; "
+                                          "H100 has 227 KiB: set method.loss_kernel = 'torch'"):
+        check_shared_memory(200, 232_448, "H100")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the compiled kernels)")
