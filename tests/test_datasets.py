@@ -146,6 +146,11 @@ def test_cityscapes_label_ids_to_train_ids(tmp_path):
     assert image.dtype == torch.uint8 and torch.equal(image, torch.from_numpy(noise(1).transpose(2, 0, 1)))
     assert_labels(mask, CITYSCAPES_TRAIN)
     assert len(DATASETS["cityscapes"](data_cfg(name="cityscapes", root=str(tmp_path)), "val")) == 1
+    # a labelTrainIds mask saved under the labelIds name (void 255) is refused, not read as all void
+    mask = tmp_path / "gtFine/train/aachen/aachen_000001_000019_gtFine_labelIds.png"
+    grey(mask, bands([0, 13, 255]))
+    with pytest.raises(DataError, match=f"mask {mask} holds value 255, outside the dataset's stored range 0..33"):
+        ds[1]
 
 
 def test_cityscapes_errors_name_the_path(tmp_path):

@@ -63,11 +63,14 @@ def test_train_transforms_keep_image_and_mask_aligned():
         assert torch.equal(from_image[inner], y[inner])
 
 
-def test_crop_pads_the_mask_with_ignore():
-    cfg = DataConfig(crop=[64, 64], base_size=[32, 32], scale_range=[1.0, 1.0], flip=False)
+def test_crop_pads_the_mask_with_ignore_and_the_image_with_the_mean():
+    cfg = DataConfig(crop=[64, 64], base_size=[32, 32], scale_range=[1.0, 1.0], flip=False, photometric=False)
     image, mask = torch.full((3, 32, 32), 200, dtype=torch.uint8), torch.ones(32, 32, dtype=torch.int64)
     x, y = SegmentationSet([(image, mask)], train_transforms(cfg), num_classes=2)[0]
     assert (y == 1).sum() == 32 * 32 and (y == IGNORE_INDEX).sum() == 64 * 64 - 32 * 32
+    # as mmseg pads the normalised image with 0: the mean colour (to uint8 rounding), not black
+    padded = x[:, y == IGNORE_INDEX]
+    assert padded.abs().max() < 0.5 / 255 / min(cfg.std) and x[:, y == 1].abs().min() > 0.5
 
 
 def test_cat_max_ratio_redraws_one_class_crops():

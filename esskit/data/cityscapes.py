@@ -26,7 +26,9 @@ NUM_CLASSES = len(CLASS_NAMES)
 
 
 def label_lut() -> np.ndarray:
-    lut = np.full(256, IGNORE_INDEX, dtype=np.int64)  # labelIds PNGs are 8-bit
+    # labelIds PNGs hold 0..33 (license plate's -1 is never drawn): anything else, e.g. the 255 of a
+    # *_labelTrainIds.png renamed, is PairDataset's one-line error, not silently void
+    lut = np.full(34, IGNORE_INDEX, dtype=np.int64)
     for label_id, train_id in LABEL_TO_TRAIN_ID.items():
         lut[label_id] = train_id
     return lut

@@ -44,7 +44,9 @@ def train_transforms(cfg: DataConfig) -> v2.Compose:
     """mmseg-style: rescale to `base_size` times a random factor (RandomRescale), crop (padding
     masks with ignore; `cat_max_ratio` < 1 redraws one-class crops), flip, photometric distortion
     (`photometric`), normalise."""
-    crop = v2.RandomCrop(tuple(cfg.crop), pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX})
+    # pad with the mean colour, which Normalize makes 0: mmseg pads the normalised image with 0
+    mean = [round(255 * m) for m in cfg.mean]
+    crop = v2.RandomCrop(tuple(cfg.crop), pad_if_needed=True, fill={tv_tensors.Image: mean, tv_tensors.Mask: IGNORE_INDEX})
     steps = [RandomRescale(cfg.base_size, cfg.scale_range),
              crop if cfg.cat_max_ratio >= 1 else CategoryBalancedCrop(crop, cfg.cat_max_ratio)]
     if cfg.flip:
