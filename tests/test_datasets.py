@@ -356,6 +356,41 @@ def test_hf_load_from_disk_parquet_and_imagefolder(tmp_path, monkeypatch):
     assert_labels(raw[0][1], HF_TRAIN)
 
 
+def test_hf_split_folders_and_exif_tagged_photos(tmp_path, monkeypatch):
+    """'{split}' folders of parquet shards each hold their split (`datasets` files them all under
+    "train"); a folder with train/ and val/ serves val_split "val" from its "validation"; photos with an
+    EXIF orientation tag are read as stored, in line with their untagged masks."""
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    images, masks = hf_rows()
+    table = datasets.Dataset.from_dict({"pixels": images, "seg": masks},
+                                       features=datasets.Features({"pixels": datasets.Image(), "seg": datasets.Image()}))
+    for split, rows in (("train", 3), ("val", 1)):
+        (tmp_path / "shards" / split).mkdir(parents=True)
+        table.select(range(rows)).to_parquet(str(tmp_path / "shards" / split / "0000.parquet"))
+    for split, rows in (("train", 3), ("val", 1)):
+        assert len(DATASETS["hf"](data_cfg(root=str(tmp_path / "shards" / "{split}"), **HF_KEYS), split)) == rows
+    # an imagefolder with split folders; the top-left band of each photo is stored bright, its mask 0 (void)
+    upright = tmp_path / "folder"
+    for split in ("train", "val"):
+        (upright / split).mkdir(parents=True)
+        stored = np.zeros((H, W, 3), np.uint8)
+        stored[: H // 3] = 200
+        exif = Image.Exif()
+        exif[0x0112] = 3  # Orientation: rotate 180 to show
+        Image.fromarray(stored).save(upright / split / "img0.jpg", exif=exif.tobytes(), quality=95)
+        masks[0].save(upright / split / "mask0.png")
+        (upright / split / "metadata.jsonl").write_text(json.dumps({"file_name": "img0.jpg",
+                                                                    "mask_file_name": "mask0.png"}))
+    raw = DATASETS["hf"](data_cfg(root=str(upright), **{**HF_KEYS, "image_column": "image", "mask_column": "mask"}),
+                         "val")
+    image, mask = raw[0]
+    assert len(raw) == 1 and image[:, : H // 3].float().mean() > 150 and image[:, -H // 3:].float().mean() < 50
+    assert_labels(mask, HF_TRAIN)
+    with pytest.raises(DataError, match=r"split 'test' not in .*folder \(splits: train, validation\)"):
+        DATASETS["hf"](data_cfg(root=str(upright), **HF_KEYS), "test")
+
+
 def test_hf_errors_and_hub_routing(tmp_path, monkeypatch):
     datasets = pytest.importorskip("datasets")
     with pytest.raises(DataError, match=r"missing.parquet not found; expected data.root = a save_to_disk"):

@@ -4,6 +4,7 @@ reachable. The image and mask columns, the class names and the mask encoding com
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -42,28 +43,43 @@ def open_split(cfg, split: str):
     # One split's file or folder named without '{split}' would serve train and val alike
     one_split = (f"hf: {path} holds a single split, so data.train_split and data.val_split would read the same "
                  f"rows; put '{{split}}' in data.root (one file or folder per split) or save a DatasetDict")
+    per_split = "{split}" in cfg.root
     try:
         if path.is_dir() and any((path / f).is_file() for f in ("dataset_dict.json", "state.json")):
             data = datasets.load_from_disk(str(path))
             if isinstance(data, datasets.DatasetDict):
-                if split not in data:
-                    raise DataError(f"hf: split {split!r} not in {path} (splits: {', '.join(data)})")
-                data = data[split]
-            elif "{split}" not in cfg.root:
+                return _pick_split(data, split, path)
+            if not per_split:
                 raise DataError(one_split)
             return data
         if path.is_file():  # one parquet file is the split itself
-            if "{split}" not in cfg.root:
+            if not per_split:
                 raise DataError(one_split)
             return datasets.load_dataset("parquet", data_files={split: str(path)}, split=split)
-        if path.is_dir():  # parquet shards or an imagefolder, split from file or folder names
-            return datasets.load_dataset(str(path), split=split)
+        if path.is_dir():  # parquet shards or an imagefolder: splits from file or folder names
+            data = datasets.load_dataset(str(path))
+            if per_split:  # the folder is this split, whatever `datasets` names it ("train" without split words)
+                if len(data) != 1:
+                    raise DataError(f"hf: {path} holds the splits {', '.join(data)}; with '{{split}}' in data.root "
+                                    f"each folder must hold one split")
+                return next(iter(data.values()))
+            return _pick_split(data, split, path)
         return datasets.load_dataset(source, cfg.hf_config or None, split=split)
     except DataError:
         raise
     except Exception as e:  # datasets raises FileNotFoundError, ValueError, hub/connection errors...
         message = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise DataError(f"hf: cannot load {source!r} split {split!r}: {type(e).__name__}: {message}") from None
+
+
+def _pick_split(data, split: str, where: Path):
+    """`split` of a DatasetDict; "val" and "validation" stand for each other (folders named val/ load as
+    "validation")."""
+    for name in (split, {"val": "validation", "validation": "val"}.get(split)):
+        if name in data:
+            return data[name]
+    raise DataError(f"hf: split {split!r} not in {where} (splits: {', '.join(data)}); set data.train_split / "
+                    f"data.val_split")
 
 
 def class_names(cfg) -> list[str]:
@@ -103,8 +119,15 @@ class HFSegmentation(torch.utils.data.Dataset):
             raise DataError(f"hf: {cfg.root} split {split!r} has no column {', '.join(map(repr, missing))} "
                             f"(columns: {', '.join(data.column_names)}); set data.image_column / "
                             f"data.mask_column")
-        # Only the two columns are decoded per row, whatever else the dataset carries.
-        self.data = data.select_columns([cfg.image_column, cfg.mask_column])
+        # Only the two columns are decoded per row, whatever else the dataset carries. Image columns
+        # are opened here, as stored: `datasets` would turn photos upright by their EXIF tag and leave
+        # the untagged masks as they are, out of line (the file loaders read both as stored too)
+        datasets = _import_datasets()
+        data = data.select_columns([cfg.image_column, cfg.mask_column])
+        for column, feature in data.features.items():
+            if isinstance(feature, datasets.Image):
+                data = data.cast_column(column, datasets.Image(decode=False))
+        self.data = data
         self.image_column, self.mask_column = cfg.image_column, cfg.mask_column
         self.void, self.offset = cfg.mask_void_value, cfg.mask_label_offset
         self.name, self.class_names = f"hf {cfg.root} [{split}]", class_names(cfg)
@@ -114,8 +137,8 @@ class HFSegmentation(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         row, where = self.data[index], f"{self.name} row {index}"
-        image = _image_array(row[self.image_column], where)
-        mask = row[self.mask_column]
+        image = _image_array(_open_stored(row[self.image_column], where), where)
+        mask = _open_stored(row[self.mask_column], where)
         raw = labels_from_pil(mask, where) if isinstance(mask, Image.Image) else _integer_mask(mask, where)
         if raw.shape != image.shape[:2]:
             raise DataError(f"{where}: mask is {'x'.join(map(str, raw.shape))} but image is "
@@ -123,6 +146,19 @@ class HFSegmentation(torch.utils.data.Dataset):
         labels = np.where(raw == self.void, IGNORE_INDEX, raw - self.offset)
         return (torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
                 torch.from_numpy(labels.astype(np.int64)))
+
+
+def _open_stored(value, where: str):
+    """An undecoded image cell ({"bytes", "path"}) as a PIL image, without EXIF transposition; other
+    cells as they are."""
+    if not (isinstance(value, dict) and ("bytes" in value or "path" in value)):
+        return value
+    try:
+        image = Image.open(io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"])
+        image.load()
+    except (OSError, TypeError, ValueError) as e:
+        raise DataError(f"{where}: cannot read the image ({e})") from None
+    return image
 
 
 def _integer_mask(mask, where: str) -> np.ndarray:
