@@ -235,7 +235,10 @@ def evaluate(accelerator: Accelerator, model: torch.nn.Module, cfg: Config, data
     indices = range(len(dataset) if not cfg.eval.max_images else min(cfg.eval.max_images, len(dataset)))
     shard = Subset(dataset, indices[accelerator.process_index::accelerator.num_processes])
     # Batches are stacked here, not in the workers: a size mismatch then raises a one-line error.
-    loader = DataLoader(shard, cfg.eval.batch_size, num_workers=cfg.data.num_workers, collate_fn=list)
+    # its own generator: a loader's iterator draws its base seed from the global RNG, which would shift
+    # every later dropout mask of the training run that evaluates midway
+    loader = DataLoader(shard, cfg.eval.batch_size, num_workers=cfg.data.num_workers, collate_fn=list,
+                        generator=torch.Generator().manual_seed(cfg.train.seed))
     metrics = SegMetrics(cfg.data.num_classes, device=accelerator.device)
     model.eval()
     # Without the DDP wrapper, whose forward broadcasts buffers: a process with fewer (or no) images

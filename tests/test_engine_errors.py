@@ -75,6 +75,15 @@ def test_logged_loss_and_lr_are_those_of_the_step(tmp_path, monkeypatch):
     assert [r["lr"] for r in steps] == pytest.approx([0.002, 0.002 * 0.5 ** 0.9])
 
 
+def test_an_evaluation_midway_leaves_the_training_run_as_it_was(tmp_path):
+    """The evaluation's loader takes no seed from the global RNG, which the decoder's dropout draws from."""
+    losses = []
+    for name, every in (("plain", "0"), ("evaluated", "2")):
+        assert train(tmp_path / name, "train.steps=4", f"train.eval_every={every}").exit_code == 0
+        losses.append([r["loss"] for r in records(tmp_path / name) if "loss" in r])
+    assert len(losses[0]) == 4 and losses[0] == losses[1]
+
+
 def test_bad_data_fails_before_the_model_and_leaves_no_run_folder(tmp_path, monkeypatch):
     def no_model(*args, **kwargs):
         raise AssertionError("the model (and its pretrained weights) came before the data check")
