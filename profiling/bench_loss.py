@@ -186,9 +186,10 @@ def measured_peak_mib(fn, cfg: MethodConfig, inputs) -> float:
 
 
 def time_step(fn, cfg: MethodConfig, inputs, reps: int, budget_s: float) -> tuple[list[float], list[float]]:
-    """Wall times of loss + backward and of the kNN inside it; one warm-up unless a step is slow.
-    On a GPU the kNN's time comes from separate, synchronised repetitions (the synchronisation
-    around each search would slow the step it is part of)."""
+    """Wall times of loss + backward and of the kNN inside it, after one warm-up call: always on a GPU
+    (Triton compiles there, seconds), on a CPU unless that call is slow (>= 2 s: nothing to compile,
+    and time is short). On a GPU the kNN's time comes from separate, synchronised repetitions (the
+    synchronisation around each search would slow the step it is part of)."""
     times, knn_times, warm = [], [], False
     sync = _sync(inputs[0].device)
     while len(times) < reps:
@@ -205,7 +206,7 @@ def time_step(fn, cfg: MethodConfig, inputs, reps: int, budget_s: float) -> tupl
             knn = TimedKnn(knn_backend(cfg.knn, cfg.knn_chunk_mib * MIB), sync)
             with torch.no_grad():
                 fn(emb, class_emb, target, cfg, knn)
-        if not warm and elapsed < 2.0:
+        if not warm and (sync or elapsed < 2.0):
             warm = True
             continue
         times.append(elapsed)

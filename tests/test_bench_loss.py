@@ -77,3 +77,28 @@ def test_bench_loss_keeps_each_finished_cell_when_stopped(tmp_path, monkeypatch)
         bench_loss.main()
     with open(out / "results.csv") as f:
         assert [r["variant"] for r in csv.DictReader(f)] == ["baseline"]
+
+
+def test_a_gpus_first_call_is_never_a_timed_repetition(monkeypatch):
+    """On a GPU the first call compiles (Triton: seconds): it was kept as a repetition when slow, and the
+    next, warm call dropped as the warm-up in its place."""
+    import time
+
+    import torch
+
+    from esskit.config import MethodConfig
+
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    import bench_loss
+
+    calls = []
+
+    def loss(emb, class_emb, target, cfg, knn):
+        calls.append(torch.is_grad_enabled())
+        time.sleep(2.2 if len(calls) == 1 else 0.01)  # the first: a compile
+        return emb.sum()
+
+    monkeypatch.setattr(bench_loss, "_sync", lambda device: lambda: None)  # as on a GPU
+    inputs = (torch.randn(4, 3), torch.randn(5, 3), torch.zeros(4, dtype=torch.long))
+    times, _ = bench_loss.time_step(loss, MethodConfig(), inputs, reps=2, budget_s=60)
+    assert len(times) == 2 and max(times) < 1.0

@@ -571,6 +571,12 @@ def test_an_out_folder_of_another_grid_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"--out .*classes \[19, 150\] here, \[1000\] now"):
         check_out_dir(tmp_path, {**settings, "classes": [1000]})
     check_out_dir(tmp_path / "new", settings)  # no results yet
+    # a key the folder's esskit did not record (it may have run another value), another GPU
+    with pytest.raises(ConfigError, match=r"knn not recorded here, triton now"):
+        check_out_dir(tmp_path, {**settings, "knn": "triton"})
+    (tmp_path / "results.json").write_text(json.dumps({"settings": {**settings, "device_name": "H200"}, "rows": []}))
+    with pytest.raises(ConfigError, match=r"device_name H200 here, H100 now"):
+        check_out_dir(tmp_path, {**settings, "device_name": "H100"})
 
 
 # `esskit profile` review: small C for methods without k, --classes 1, FAISS on the estimate, --out of
@@ -606,3 +612,21 @@ def test_out_of_another_experiment_is_refused(tmp_path):
     assert result.exit_code == 2 and "another profile" in result.output, result.output
     assert (tmp_path / "results.json").read_text() == before
     assert CliRunner().invoke(app, options).exit_code == 0  # the same command again: fine
+
+
+def test_fp16_trials_apply_their_steps():
+    """GradScaler's default scale (2^16) overflowed ESS's first fp16 gradients, so a 2-step trial skipped
+    both steps: no momentum in its peak, and timed steps that applied nothing. Its scaler lives per cell."""
+    from esskit.config import Config
+    from esskit.profile.measure import StepTimer
+    from esskit.profile.step import cell_config
+
+    torch.manual_seed(0)
+    cfg = cell_config(Config(), method="ess", num_classes=150, backbone="resnet18", crop=(64, 64), precision="fp16")
+    timer = StepTimer(torch.device("cpu"))
+    timer.train_steps(cfg, 2, 2)
+    model, optimizer, amp = timer.training(cfg)
+    assert amp.scaler.get_scale() == 2.0**10  # no step skipped
+    assert all(optimizer.state[p].get("momentum_buffer") is not None for p in model.parameters())
+    timer.train_steps(cfg, 2, 1)
+    assert timer.training(cfg)[2] is amp  # the same scaler for the cell's next trial

@@ -86,7 +86,7 @@ def default_out_dir(spec: ProfileSpec) -> Path:
 # settings that make a results folder another experiment (torch, date, wall time do not)
 GRID_KEYS = ("backbone", "crop", "precision", "budget_gib", "classes", "methods", "batch", "source",
              "max_batch_limit", "embed_dim", "k", "knn_chunk_mib", "loss_chunk_mib", "knn_at", "knn_block", "knn",
-             "loss_kernel", "inputs", "config")
+             "loss_kernel", "inputs", "config", "device_name")
 
 
 # settings recorded since a later session, with the value that every earlier run had
@@ -101,7 +101,9 @@ def check_out_dir(out_dir: Path, settings: dict) -> None:
         return
     # a folder (or settings) from before a key was recorded ran its default
     old, new = {**RECORDED_SINCE, **old}, {**RECORDED_SINCE, **settings}
-    differ = [f"{key} {old[key]} here, {new[key]} now" for key in GRID_KEYS if key in old and old[key] != new[key]]
+    differ = [f"{key} {old[key]} here, {new[key]} now" for key in GRID_KEYS if key in old and old[key] != new.get(key)]
+    # a key an older esskit did not record: its run may have had another value
+    differ += [f"{key} not recorded here, {new[key]} now" for key in GRID_KEYS if key in new and key not in old]
     if differ:
         raise ConfigError(f"--out {out_dir} holds the results of another profile ({'; '.join(differ)}); name "
                           f"another --out, or delete that folder to replace them")

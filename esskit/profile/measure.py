@@ -93,7 +93,7 @@ class StepTimer:
 
     def __init__(self, device: torch.device, before_build: Callable[[], None] = lambda: None):
         self.device, self.before_build = device, before_build
-        self.built: tuple | None = None  # (cfg, model, optimizer) of the cell being timed
+        self.built: tuple | None = None  # (cfg, model, optimizer, amp) of the cell being timed
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -103,7 +103,9 @@ class StepTimer:
         if self.built is None or self.built[0] != cfg:
             self.built = None
             self.before_build()
-            self.built = (cfg, *build_training(cfg, self.device))
+            # one GradScaler per cell, as one per run in training: a scale backed off stays backed off
+            self.built = (cfg, *build_training(cfg, self.device),
+                          MixedPrecision(cfg.train.mixed_precision, self.device.type))
         return self.built[1:]
 
     def train_steps(self, cfg: Config, batch: int, steps: int, time_knn: bool = False,
@@ -111,8 +113,7 @@ class StepTimer:
         """Run `steps` training steps; the seconds of each, synchronised, and of the kNN searches in
         it (0 unless `time_knn`: the synchronisation around each search costs a little). `inputs`:
         "noise" or "synthetic" (`synthetic_batch`; default profile.inputs)."""
-        model, optimizer = self.training(cfg)
-        amp = MixedPrecision(cfg.train.mixed_precision, self.device.type)
+        model, optimizer, amp = self.training(cfg)
         seconds = []
         for step in range(steps):  # a new batch each step
             images, target = synthetic_batch(cfg, batch, self.device, inputs or cfg.profile.inputs, step)
@@ -129,21 +130,22 @@ class StepTimer:
         (not for the baseline), s/img of inference; `between` runs between the three timed runs."""
         steps = self.train_steps(cfg, batch, TRAIN_WARMUP + TRAIN_ITERS)[TRAIN_WARMUP:]
         seconds = median([s for s, _ in steps])
-        row = {"train_s_per_iter": round(seconds, 4), "train_s_per_img": round(seconds / batch, 4)}
+        # to the microsecond, and shares from the unrounded seconds: a GPU step of 0.005 s/img
+        # would keep one significant digit at 4 decimals
+        row = {"train_s_per_iter": round(seconds, 6), "train_s_per_img": round(seconds / batch, 6)}
         if cfg.method.name != "baseline":  # separate steps: the timed kNN's syncs stay out of the above
             between()
             timed = self.train_steps(cfg, batch, TRAIN_WARMUP + TRAIN_ITERS, time_knn=True)[TRAIN_WARMUP:]
-            row["knn_s_per_iter"] = round(median([k for _, k in timed]), 4)
-            row["knn_share"] = round(row["knn_s_per_iter"] / seconds, 4)
+            knn = median([k for _, k in timed])
+            row["knn_s_per_iter"], row["knn_share"] = round(knn, 6), round(knn / seconds, 4)
         between()
-        row["infer_s_per_img"] = round(self.inference_seconds(cfg), 4)
+        row["infer_s_per_img"] = round(self.inference_seconds(cfg), 6)
         return row
 
     def inference_seconds(self, cfg: Config) -> float:
         """Median seconds of forward + `predict_labels` on one image of the crop size (eval mode)."""
-        model, _ = self.training(cfg)
+        model, _, amp = self.training(cfg)
         model.eval()
-        amp = MixedPrecision(cfg.train.mixed_precision, self.device.type)
         images, _ = synthetic_batch(cfg, 1, self.device, cfg.profile.inputs)
         seconds = []
         try:

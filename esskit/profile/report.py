@@ -184,13 +184,16 @@ def table7(rows: list[dict], settings: dict) -> str:
         dataset, paper = _paper_columns(row["classes"], row["method"])
         base = next((r["train_s_per_img"] for r in rows if r["method"] == "baseline" and r["classes"] == row["classes"]),
                     None)
-        ratio = round(row["train_s_per_img"] / base, 2) if base and row["train_s_per_img"] else None
+        ratio = round(row["train_s_per_img"] / base, 3) if base and row["train_s_per_img"] else None
         share = None if row.get("knn_share") is None else f"{100 * row['knn_share']:.1f} %"
         lines.append(f"| {dataset} | {METHOD_NAMES[row['method']]} | {_fmt(paper and paper[2], None)} | "
-                     f"{_fmt(paper and paper[3], None)} | {_fmt(row['infer_s_per_img'], 3)} | "
-                     f"{_fmt(row['train_s_per_iter'])} | {_fmt(row['train_s_per_img'], 3)} | {_fmt(ratio)} | "
+                     f"{_fmt(paper and paper[3], None)} | {_fmt(row['infer_s_per_img'], 4)} | "
+                     f"{_fmt(row['train_s_per_iter'], 4)} | {_fmt(row['train_s_per_img'], 4)} | {_fmt(ratio)} | "
                      f"{_fmt(share)} | {row.get('batch', row['max_batch'])} | {row['source']} |")
     text = "\n".join(lines) + "\n\n"
+    if any(r["method"] == "ess_full" and r.get("knn_share") is not None for r in rows):
+        text += ("ess_full's kNN share is Eq. 7's search (each class's nearest other class); its loss searches "
+                 "nothing.\n\n")
     if any(r["source"] == "estimated" for r in rows):
         text += ("Estimated rows have no times: fake tensors do no arithmetic. Run `--device cuda` on a GPU, or "
                  "`--device cpu` for CPU times.\n\n")
