@@ -148,12 +148,15 @@ def pixel_distances(samples: list[dict], unit: torch.Tensor) -> dict:
             "median_distance_to_nearest_other_class": float(other.median())}
 
 
-def run_analysis(checkpoint: Path, out: Path, kmeans: int = 70, images: int = 2, train_images: int = 0) -> dict:
-    """`esskit analyze`: every table and figure into `out`; returns summary.json's content."""
+def run_analysis(checkpoint: Path, out: Path | None = None, kmeans: int = 70, images: int = 2,
+                 train_images: int = 0) -> dict:
+    """`esskit analyze`: every table and figure into `out` (None: the run directory's analysis/);
+    returns summary.json's content."""
     for option, value, low in (("--kmeans", kmeans, 1), ("--images", images, 0), ("--train-images", train_images, 0)):
         if value < low:
             raise ConfigError(f"{option} {value} must be >= {low}")
     run = load_run(checkpoint)
+    out = run.checkpoint.parent / "analysis" if out is None else out
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -200,7 +200,8 @@ def predict(images: Annotated[list[Path], typer.Argument(help="Image files and/o
 
 @app.command()
 def analyze(checkpoint: Annotated[Path, typer.Option(help="Run directory or checkpoint directory")],
-            out: Annotated[Path, typer.Option(help="Output directory for the figures and tables")],
+            out: Annotated[Path | None, typer.Option(help="Output directory for the figures and tables "
+                                                     "(default: RUN_DIR/analysis)")] = None,
             kmeans: Annotated[int, typer.Option(help="k of the k-means grouping of classes (capped at C)")] = 70,
             images: Annotated[int, typer.Option(help="Validation images in the pixel-embedding figures (ESS)")] = 2,
             train_images: Annotated[int, typer.Option(help="Training images counted for class frequency; "

@@ -94,9 +94,9 @@ def test_analyze_baseline_says_what_does_not_apply(baseline_run, tmp_path):
 
 def test_analyze_ess_full_uses_the_class_embeddings(tmp_path_factory, tmp_path):
     run = trained_run(tmp_path_factory, "ess_full", "method.name=ess_full")
-    result = runner.invoke(app, ["analyze", "--checkpoint", str(run), "--out", str(tmp_path), "--images", "0"])
+    result = runner.invoke(app, ["analyze", "--checkpoint", str(run), "--images", "0"])  # into RUN_DIR/analysis
     assert result.exit_code == 0, result.output
-    assert len(rows(tmp_path / "neighbours.csv")) == 19 * 5
+    assert len(rows(run / "analysis" / "neighbours.csv")) == 19 * 5
 
 
 def test_analyze_without_checkpoint_is_one_line_error(tmp_path):
