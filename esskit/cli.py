@@ -143,7 +143,7 @@ def list_datasets():
 def profile(recipe: Annotated[Optional[Path], typer.Argument(help="Optional recipe for the other settings "
                                                              "(method.k, model.embed_dim, ...)")] = None,
             classes: option_or_none(str, "Class counts C, comma-separated (default: the recipe's "
-                                         "profile.classes, else 19,150,1284)") = None,
+                                         "profile.classes, else 19,150,182,1284)") = None,
             methods: option_or_none(str, "Methods, comma-separated: baseline, ess, ess_full (default: "
                                          "profile.methods, else baseline,ess)") = None,
             backbone: option_or_none(str, "timm backbone (default: the recipe's, else resnet50)") = None,
@@ -163,6 +163,9 @@ def profile(recipe: Annotated[Optional[Path], typer.Argument(help="Optional reci
                                         "profile.inputs, else noise)") = None,
             out: option_or_none(Path, "Output directory (default: profiling/results/"
                                       "BACKBONE-CROP-PRECISION[-bN][-synthetic]-DEVICE)") = None,
+            accuracy: option_or_none(str, "Trained runs (comma-separated run directories or eval.json files) "
+                                          "whose pixel accuracy Figure 1 marks at their C, as the paper's "
+                                          "right axis") = None,
             overrides: Overrides = None):
     """Max batch size, peak memory and step times per method and class count (paper Figure 1,
     Tables 6-7); writes results.csv/json, figure1.png, table6.md and table7.md."""
@@ -173,7 +176,8 @@ def profile(recipe: Annotated[Optional[Path], typer.Argument(help="Optional reci
         spec = profiling.spec_from_options(base, recipe_keys, classes=classes, methods=methods, backbone=backbone,
                                            crop=crop, budget_gib=budget_gib, precision=mixed_precision,
                                            device=device, max_batch=max_batch, batch=batch, inputs=inputs)
-        profiling.run_profile(spec, out or profiling.default_out_dir(spec))
+        marks = profiling.read_accuracy(accuracy) if accuracy is not None else []
+        profiling.run_profile(spec, out or profiling.default_out_dir(spec), marks)
     except USER_ERRORS as e:
         _fail(e)
 

@@ -287,7 +287,7 @@ class EvalConfig:
 @dataclass(kw_only=True)
 class ProfileConfig:
     """`esskit profile`'s grid, for recipes that carry their own; its options win over these."""
-    classes: list[int] = field(default_factory=lambda: [19, 150, 1284])  # class counts C
+    classes: list[int] = field(default_factory=lambda: [19, 150, 182, 1284])  # class counts C: Figure 1's
     methods: list[str] = field(default_factory=lambda: ["baseline", "ess"])  # of baseline, ess, ess_full
     budget_gib: float = 12.0  # memory budget (the paper's 12 GB card)
     max_batch: int = 256  # the largest batch the max-batch search tries

@@ -630,3 +630,31 @@ def test_fp16_trials_apply_their_steps():
     assert all(optimizer.state[p].get("momentum_buffer") is not None for p in model.parameters())
     timer.train_steps(cfg, 2, 1)
     assert timer.training(cfg)[2] is amp  # the same scaler for the cell's next trial
+
+
+def test_figure1_marks_the_pixel_accuracy_of_trained_runs(tmp_path, monkeypatch):
+    """--accuracy: each run's eval.json pAcc on a right axis at its C, as the paper's Figure 1 does."""
+    from esskit.profile import report
+
+    runs = []
+    for method, classes, pacc in (("baseline", 19, 0.95), ("ess", 19, 0.93), ("ess", 150, 0.59)):
+        run = tmp_path / f"{method}{classes}"
+        run.mkdir()
+        (run / "eval.json").write_text(json.dumps({"method": method, "num_classes": classes, "pAcc": pacc,
+                                                   "mIoU": 0.5}))
+        runs.append(str(run))
+    figures = []
+    monkeypatch.setattr(report, "save_figure_atomic", lambda fig, path: figures.append(fig))
+    out = _profile_tiny(tmp_path, "--classes", "19,150", "--max-batch", "2", "--accuracy", ",".join(runs))
+    marks = json.loads((out / "results.json").read_text())["settings"]["accuracy"]
+    assert [(m["method"], m["classes"], m["pAcc"]) for m in marks] == [("baseline", 19, 0.95), ("ess", 19, 0.93),
+                                                                       ("ess", 150, 0.59)]
+    right = figures[-1].axes[1]
+    assert right.get_ylabel() == "pixel accuracy (%)"
+    points = {line.get_label(): list(zip(*line.get_data())) for line in right.get_lines()}
+    assert points == {"baseline, pixel accuracy (--accuracy runs)": [(19, 95.0)],
+                      "ours (ESS), pixel accuracy (--accuracy runs)": [(19, 93.0), (150, 59.0)]}
+    result = CliRunner().invoke(app, ["profile", "--device", "meta", "--accuracy", str(tmp_path / "nope"),
+                                      "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and result.output.startswith(f"error: --accuracy {tmp_path / 'nope'}: no readable")
+    assert not (tmp_path / "x").exists()

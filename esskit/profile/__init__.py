@@ -123,8 +123,28 @@ def make_backend(spec: ProfileSpec):
     return Estimator(spec.budget_bytes)
 
 
-def run_profile(spec: ProfileSpec, out_dir: Path) -> list[dict]:
-    """Profile every (method, C) of `spec` and write the results into `out_dir`."""
+def read_accuracy(text: str) -> list[dict]:
+    """`--accuracy`: the pixel accuracy of trained runs (comma-separated run directories or eval.json
+    files, as `esskit train` / `evaluate` write them) that Figure 1 marks at their C, as the paper's does."""
+    marks = []
+    for item in (part.strip() for part in text.split(",") if part.strip()):
+        path = Path(item).expanduser()
+        file = path / "eval.json" if path.is_dir() else path
+        try:
+            result = json.loads(file.read_text())
+            marks.append({"classes": int(result["num_classes"]), "method": str(result["method"]),
+                          "pAcc": float(result["pAcc"]), "run": str(path)})
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"--accuracy {item}: no readable eval.json there ({type(e).__name__}: {e}); pass run "
+                              f"directories that `esskit train` or `esskit evaluate` finished") from None
+    if not marks:
+        raise ConfigError(f"--accuracy {text!r}: no run given; pass comma-separated run directories")
+    return marks
+
+
+def run_profile(spec: ProfileSpec, out_dir: Path, accuracy: list[dict] = ()) -> list[dict]:
+    """Profile every (method, C) of `spec` and write the results into `out_dir`; `accuracy`
+    (`read_accuracy`) is marked on Figure 1."""
     for method in spec.methods:  # fail on a bad recipe/--set, backbone or --out before any work
         for num_classes in spec.classes:
             spec.config(method, num_classes)
@@ -152,6 +172,7 @@ def run_profile(spec: ProfileSpec, out_dir: Path) -> list[dict]:
         "torch": torch.__version__, "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(["esskit", *sys.argv[1:]]),
+        **({"accuracy": list(accuracy)} if accuracy else {}),  # what Figure 1 marks (not the grid)
     }
     check_out_dir(out_dir, settings)
     cells = len(spec.methods) * len(spec.classes)

@@ -110,7 +110,8 @@ def plot_figure1(rows: list[dict], settings: dict, path: Path) -> None:
             paper = [(c, entry[2][method][0]) for c, entry in PAPER.items()]
             ax.plot(*zip(*paper), "s", mfc="none", color=color, label=f"{METHOD_NAMES[method]}, paper Table 6")
     ax.set_xscale("log")
-    classes = sorted({r["classes"] for r in rows})
+    marks = settings.get("accuracy", [])
+    classes = sorted({r["classes"] for r in rows} | {m["classes"] for m in marks})
     ax.set_xticks(classes, [str(c) for c in classes])
     ax.set_xlabel("number of classes C")
     ax.set_ylabel("max batch size")
@@ -118,7 +119,19 @@ def plot_figure1(rows: list[dict], settings: dict, path: Path) -> None:
     ax.grid(True, which="both", alpha=0.3)
     title = _title(settings).replace(f", {settings['source']} on", f",\n{settings['source']} on")  # fits the width
     ax.set_title(f"Max batch vs C ({title})", fontsize=7)
-    ax.legend(fontsize=7)
+    handles, labels = ax.get_legend_handles_labels()
+    if marks:  # the paper's right axis: pixel accuracy of trained models at their C
+        right = ax.twinx()
+        for method in dict.fromkeys(m["method"] for m in marks):
+            points = sorted((m["classes"], 100 * m["pAcc"]) for m in marks if m["method"] == method)
+            color = METHOD_STYLES.get(method, ("black", ""))[0]
+            right.plot(*zip(*points), "*", ms=10, color=color,
+                       label=f"{METHOD_NAMES.get(method, method)}, pixel accuracy (--accuracy runs)")
+        right.set_ylabel("pixel accuracy (%)")
+        right.set_ylim(0, 100)
+        more = right.get_legend_handles_labels()
+        handles, labels = handles + more[0], labels + more[1]
+    ax.legend(handles, labels, fontsize=7)
     fig.tight_layout()
     save_figure_atomic(fig, path)
     plt.close(fig)
