@@ -141,8 +141,8 @@ class DataConfig:
     name: str = "synthetic"  # dataset loader (see `esskit.data.DATASETS`)
     root: str = ""  # dataset directory in the dataset's official layout
     num_classes: int = 19  # C; for synthetic any value 2..100000
-    train_split: str = "train"
-    val_split: str = "val"
+    train_split: str = "train"  # the dataset's split names (VOC also "aug"; hf: any of the dataset's)
+    val_split: str = "val"  # evaluated by `esskit evaluate` and at the end of training
     crop: list[int] = field(default_factory=lambda: [128, 128])  # training crop [H, W]
     # box an image is rescaled into (times a factor from scale_range), keeping its aspect ratio: its
     # long side fits max(base_size), its short side min(base_size) (mmseg's img_scale, either order)
@@ -217,7 +217,7 @@ class DataConfig:
 class OptimConfig:
     lr: float = 0.01  # base learning rate (1e-2 ADE20k/COCO, 1e-1 Cityscapes/VOC)
     momentum: float = 0.9  # SGD momentum of the segmentation network
-    weight_decay: float = 1e-4
+    weight_decay: float = 1e-4  # on every parameter, as mmseg's default
     power: float = 0.9  # poly schedule: lr * (1 - step/steps) ** power
     backbone_lr_mult: float = 0.1  # backbone lr = mult * lr
     backbone_bn_momentum: float = 0.01  # BatchNorm running-stat momentum in the backbone
@@ -239,7 +239,7 @@ class TrainConfig:
     batch_size: int = 8  # images per device per step
     grad_accum: int = 1  # micro-batches accumulated per optimizer step
     mixed_precision: str = "no"  # "no", "fp16" or "bf16" (the loss is always fp32)
-    seed: int = 0
+    seed: int = 0  # weights, data order, augmentation and random negatives
     cpu: bool = False  # force the CPU even when a GPU is present
     sync_bn: bool = False  # SyncBatchNorm across processes (only when more than one process runs)
     log_every: int = 10  # steps between metrics.jsonl lines

@@ -51,6 +51,8 @@ def test_output_keys_and_shapes_at_stride_4(backbone, method):
         assert ce.shape == (C, 7)
         assert isinstance(ce, nn.Parameter) and ce.requires_grad
         assert any(p is ce for p in model.parameters())
+        assert model.class_embeddings is ce  # DESIGN.md: the ESS model owns class_embeddings [C, d]
+        assert "class_embeddings" not in dict(model.named_parameters())  # a view, no second state-dict key
 
 
 @pytest.mark.parametrize("backbone", BACKBONES)

@@ -68,6 +68,11 @@ class DeepLabV3Plus(nn.Module):
             nn.Dropout2d(dropout))
         self.head = head
 
+    @property
+    def class_embeddings(self) -> nn.Parameter:
+        """ESS's learnable class embeddings [C, d] (the head's parameter; DESIGN.md's public name)."""
+        return self.head.class_embeddings
+
     def forward(self, images: torch.Tensor) -> dict:
         """Head outputs at stride 4 (the loss and prediction upsample to label size)."""
         feats = self.backbone(images)
