@@ -151,6 +151,15 @@ def test_cityscapes_label_ids_to_train_ids(tmp_path):
     grey(mask, bands([0, 13, 255]))
     with pytest.raises(DataError, match=f"mask {mask} holds value 255, outside the dataset's stored range 0..33"):
         ds[1]
+    # the train-id masks cityscapesscripts writes (what mmseg reads), where the labelIds are absent
+    for labels in (tmp_path / "gtFine").rglob("*_gtFine_labelIds.png"):
+        grey(labels.with_name(labels.name.replace("labelIds", "labelTrainIds")), bands([0, 13, 255, 18, 255, 11, 10]))
+        labels.unlink()
+    train_ids = DATASETS["cityscapes"](data_cfg(name="cityscapes", root=str(tmp_path)), "train")
+    assert_labels(train_ids[1][1], CITYSCAPES_TRAIN)
+    grey(mask.with_name(mask.name.replace("labelIds", "labelTrainIds")), bands([0, 19]))
+    with pytest.raises(DataError, match="holds value 19, which is no class of this dataset"):
+        train_ids[1]
 
 
 def test_cityscapes_errors_name_the_path(tmp_path):

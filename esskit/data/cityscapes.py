@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from esskit.data import IGNORE_INDEX
@@ -9,7 +11,8 @@ from esskit.data.images import PairDataset, check_num_classes, require, require_
 from esskit.errors import DataError
 
 LAYOUT = ("leftImg8bit/{split}/{city}/*_leftImg8bit.png and "
-          "gtFine/{split}/{city}/*_gtFine_labelIds.png (split: train, val, test)")
+          "gtFine/{split}/{city}/*_gtFine_labelIds.png, or the *_gtFine_labelTrainIds.png that "
+          "cityscapesscripts' createTrainIdLabelImgs writes (mmseg's) (split: train, val, test)")
 SOURCE = "https://www.cityscapes-dataset.com/downloads/ (leftImg8bit_trainvaltest.zip, gtFine_trainvaltest.zip)"
 
 # cityscapesscripts/helpers/labels.py: labelId -> trainId for the 19 classes with ignoreInEval False.
@@ -34,6 +37,13 @@ def label_lut() -> np.ndarray:
     return lut
 
 
+def train_id_lut() -> np.ndarray:
+    """*_gtFine_labelTrainIds.png: the 19 train ids as stored, 255 void; any other value is refused."""
+    lut = np.arange(256, dtype=np.int64)
+    lut[255] = IGNORE_INDEX
+    return lut
+
+
 def load(cfg, split: str) -> PairDataset:
     root = require_root(cfg, "cityscapes", LAYOUT)
     image_dir = require(root / "leftImg8bit" / split, "cityscapes", LAYOUT)
@@ -42,8 +52,12 @@ def load(cfg, split: str) -> PairDataset:
     images = sorted(image_dir.glob("*/*_leftImg8bit.png"))
     if not images:
         raise DataError(f"cityscapes: no {image_dir}/<city>/*_leftImg8bit.png found; expected {LAYOUT}")
-    masks = [label_dir / image.parent.name / image.name.replace("_leftImg8bit.png", "_gtFine_labelIds.png")
-             for image in images]
+    # labelIds (in the download) when the first image has them, else the train-id masks mmseg reads
+    stems = [label_dir / image.parent.name / image.name.replace("_leftImg8bit.png", "") for image in images]
+    suffix, lut = "_gtFine_labelIds.png", label_lut()
+    if not Path(f"{stems[0]}{suffix}").is_file() and Path(f"{stems[0]}_gtFine_labelTrainIds.png").is_file():
+        suffix, lut = "_gtFine_labelTrainIds.png", train_id_lut()
+    masks = [Path(f"{stem}{suffix}") for stem in stems]
     for mask in masks:
         require(mask, "cityscapes", LAYOUT)
-    return PairDataset(images, masks, label_lut(), CLASS_NAMES)
+    return PairDataset(images, masks, lut, CLASS_NAMES)
