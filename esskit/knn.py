@@ -318,11 +318,11 @@ def bounded_neighbours(features: torch.Tensor, label_size, keys: torch.Tensor, k
     """`method.knn_at = "feature_exact"` (see `BoundedNeighbours`): one search per decoder pixel of
     `features` [B, d, h, w] for m = per_k * k keys, and each cell's union of its corners' lists
     (their scores are computed as the label pixels are looked up). None where C is too small for
-    the bound to save work (C <= 2m): the caller searches every label pixel."""
+    the bound to save work (C <= 2m), or without pixels: the caller searches every label pixel."""
     knn = knn or knn_exact
     (batch, d, h, w), num_keys = features.shape, keys.shape[0]
     m = per_k * k
-    if num_keys <= 2 * m:
+    if num_keys <= 2 * m or features.numel() == 0:  # an empty batch: the caller's plain search returns nothing
         return None
     # raw: s is linear in x, not x/|x|; contiguous (one image's reshape is a strided view, and the
     # lookup kernels read rows by offset)

@@ -157,3 +157,14 @@ def test_analyze_predicts_as_evaluate_does(ess_run):
     mean, std = torch.tensor(run.cfg.data.mean)[:, None, None], torch.tensor(run.cfg.data.std)[:, None, None]
     output = infer(run.model, ((image - mean) / std)[None].float(), run.cfg.eval)
     np.testing.assert_array_equal(sample["pred"], predict_labels(output, sample["target"].shape)[0].numpy())
+
+
+def test_norms_equal_up_to_rounding_have_no_correlation():
+    """Unit class embeddings barely trained: float32 rounding is not a norm-frequency trend."""
+    from esskit.analyze import norm_frequency_correlation
+
+    pixels = np.array([5, 50, 500, 5000, 50000])
+    unit = np.float32(1) + np.array([0, 1, -1, 2, 1], np.float32) * np.finfo(np.float32).eps
+    assert norm_frequency_correlation(unit, pixels)["pearson_r_log_freq"] is None
+    grown = np.array([0.9, 1.0, 1.1, 1.3, 1.6])  # trained without normalisation: frequent classes longer
+    assert norm_frequency_correlation(grown, pixels)["spearman_rho"] == pytest.approx(1.0)

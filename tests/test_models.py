@@ -276,6 +276,8 @@ def test_bounded_prediction_is_the_nearest_class_search(flags, monkeypatch):
     # maps already at label size: the search per pixel, whatever `bounded` says
     full = {**out, "embeddings": up.float()}
     assert torch.equal(predict_labels(full, (35, 31), bounded=2), predict_labels(full, (35, 31))) and built == [3]
+    # an empty batch: nothing to predict, as without the bound
+    assert predict_labels({**out, "embeddings": emb[:0]}, (35, 31), bounded=2).shape == (0, 35, 31)
 
 
 def test_bounded_prediction_keeps_the_chunk_budget(monkeypatch):
