@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Subset
 from esskit import analyze_plots as plots
 from esskit.data import IGNORE_INDEX, build_dataset
 from esskit.errors import ConfigError
-from esskit.files import write_atomic
+from esskit.files import make_out_dir, write_atomic
 from esskit.knn import knn_exact
 from esskit.losses import upsample
 from esskit.predict import Run, load_run
@@ -158,10 +158,7 @@ def run_analysis(checkpoint: Path, out: Path | None = None, kmeans: int = 70, im
             raise ConfigError(f"{option} {value} must be >= {low}")
     run = load_run(checkpoint)
     out = run.checkpoint.parent / "analysis" if out is None else out
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"--out {out} cannot be created: {e.strerror}") from None
+    make_out_dir(out)
     ess = run.cfg.method.name != "baseline"
     raw, kind = class_vectors(run)
     unit = F.normalize(raw, dim=1)

@@ -11,6 +11,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from esskit.errors import ConfigError
+
 _UMASK = os.umask(0o022)  # read once, at import (os.umask can only read by setting)
 os.umask(_UMASK)
 
@@ -58,3 +60,13 @@ def save_figure_atomic(fig, path: str | Path, **savefig_kwargs) -> None:
     with _replaced_atomically(path) as (fd, tmp):
         os.close(fd)
         fig.savefig(tmp, format=path.suffix.lstrip(".") or None, **savefig_kwargs)
+
+
+def make_out_dir(out: Path) -> None:
+    """Create the `--out` folder of a command, or say in one line why it cannot be."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; name a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--out {out} cannot be created: {e.strerror}") from None

@@ -18,7 +18,7 @@ from esskit.checkpoint import find_checkpoint, load_weights
 from esskit.config import Config, load_config
 from esskit.data.images import read_image, write_mask
 from esskit.errors import ConfigError, DataError
-from esskit.files import write_atomic
+from esskit.files import make_out_dir, write_atomic
 from esskit.inference import infer
 from esskit.models import predict_labels
 from esskit.palette import class_names, colorize, palette_for
@@ -93,7 +93,7 @@ def predict_images(run: Run, images: list[tuple[Path, Path]], out: Path, overlay
     `progress(done, total)` is called after each batch."""
     from esskit.data.transforms import eval_transforms
 
-    _make_dir(out)
+    make_out_dir(out)
     transform = eval_transforms(run.cfg.data)
     records: list[dict] = []
     pending: list[tuple] = []
@@ -117,13 +117,6 @@ def predict_images(run: Run, images: list[tuple[Path, Path]], out: Path, overlay
     if pending:
         flush()
     return records
-
-
-def _make_dir(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"--out {out} cannot be created: {e.strerror}") from None
 
 
 @torch.no_grad()

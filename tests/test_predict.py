@@ -229,6 +229,8 @@ def test_predict_bad_input_is_one_line_error(tmp_path, ess_run):
     result = runner.invoke(app, ["predict", "--checkpoint", str(tmp_path / "empty"), str(image),
                                  "--out", str(tmp_path / "o")])
     assert result.exit_code == 2 and "no complete checkpoint" in result.output
+    result = runner.invoke(app, ["predict", "--checkpoint", str(ess_run), str(image), "--out", str(image)])
+    assert result.exit_code == 2 and result.output.strip() == f"error: --out {image} is a file; name a folder"
 
 
 def test_predict_keeps_what_came_before_an_unreadable_image_and_skips_its_own_outputs(tmp_path, ess_run):
