@@ -184,10 +184,21 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict | None:
             if stopping and done < steps:
                 report.info(accelerator, f"stopped at step {done}; checkpoint saved, continue with "
                             f"--resume {run_dir}")
+                end_processes(accelerator)
                 return None
     result = evaluate(accelerator, model, cfg, val_set)
     finish_eval(accelerator, run_dir, cfg, result, steps)
+    end_processes(accelerator)
     return result
+
+
+def end_processes(accelerator: Accelerator) -> None:
+    """Destroy the process group once a command has succeeded: a gloo group left to interpreter exit
+    can abort a finished run (SIGABRT, "terminate called without an active exception"). Not after an
+    error, where another rank may still wait in a collective (torchtitan does the same)."""
+    accelerator.end_training()  # destroys it since accelerate 1.0
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def forward(model: torch.nn.Module, images: torch.Tensor, cfg: Config) -> dict:
@@ -307,6 +318,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint_path: Path) -> dict:
     result = evaluate(accelerator, model, cfg, val_set)
     run_dir = checkpoint.parent
     finish_eval(accelerator, run_dir, cfg, result, step, log=False)  # not the training log
+    end_processes(accelerator)
     return result
 
 

@@ -255,3 +255,22 @@ def test_two_process_batch_larger_than_training_set_names_the_processes(tmp_path
                 "--out", str(tmp_path / "run"), *sets(TINY + ["data.synthetic_train_size=3"])], check=False)
     assert proc.returncode != 0
     assert "train.batch_size = 2 x 2 processes = 4 is larger than the training set (3 images)" in proc.stderr
+
+
+def test_a_finished_command_destroys_its_process_group():
+    """A gloo group left to interpreter exit aborted a finished 2-process run now and then (SIGABRT,
+    "terminate called without an active exception", seen in CI); end_processes destroys it."""
+    import socket
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from esskit.engine import end_processes
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    ended = []
+    end_processes(SimpleNamespace(end_training=lambda: ended.append(True)))  # as an accelerate that keeps it
+    assert ended and not dist.is_initialized()
