@@ -20,7 +20,8 @@ from esskit.data.cocostuff import STUFF_NAMES
 from esskit.data.images import read_mask
 from esskit.errors import DataError
 
-LVIS_NAMES = {50: "banner", 110: "blanket", 181: "cabinet", 1050: "table", 500: "lvis 500", 7: "lvis 7"}
+LVIS_NAMES = {50: "banner", 110: "blanket", 181: "cabinet", 346: "cupboard", 350: "curtain", 713: "napkin",
+              804: "pillow", 904: "salad", 1050: "table", 1108: "towel", 500: "lvis 500", 7: "lvis 7"}
 
 
 def rle(region: np.ndarray, compressed: bool = True) -> dict:
@@ -243,6 +244,11 @@ def test_wrong_annotation_files_are_refused(tmp_path):
     stuff_json.write_text(json.dumps(stuff))
     result = build(tmp_path, tmp_path / "out")
     assert result.exit_code == 2 and "category 165 is 'dining table', COCO-Stuff 2017 has 'table'" in result.output
+    lvis = json.loads(lvis_json.read_text())
+    lvis["categories"][804 - 1]["name"] = "pin_(non_jewelry)"  # ids of another LVIS release
+    lvis_json.write_text(json.dumps(lvis))
+    result = build(tmp_path, tmp_path / "out")
+    assert result.exit_code == 2 and "category 804 is 'pin_(non_jewelry)', LVIS v1 has 'pillow'" in result.output
     missing = CliRunner().invoke(app, ["build-dataset", "coco-lvis", "--lvis-json", str(tmp_path / "nope.json"),
                                        "--stuff-json", str(stuff_json), "--out", str(tmp_path / "out")])
     assert missing.exit_code == 2 and "nope.json not found" in missing.output

@@ -33,7 +33,8 @@ SOURCE = ("COCO 2017 images: https://cocodataset.org/#download; LVIS v1 annotati
 NUM_LVIS = 1203  # LVIS v1 category ids 1..1203 keep their id as mask value
 STUFF_IDS = range(92, 183)  # COCO-Stuff stuff classes; 183 "other" is the things' region
 OTHER = 183
-# Stuff classes that LVIS already has: they take the LVIS id (DESIGN.md), checked by name on load.
+# Stuff classes that LVIS already has: they take the LVIS id (DESIGN.md); both files' names are checked
+# at build time (LVIS v1's, as in its lvis_v1_*.json: banner 50, ..., towel 1108).
 SHARED_STUFF = {92: (50, "banner"), 93: (110, "blanket"), 98: (181, "cabinet"), 108: (346, "cupboard"),
                 109: (350, "curtain"), 137: (713, "napkin"), 141: (804, "pillow"), 153: (904, "salad"),
                 165: (1050, "table"), 168: (1108, "towel")}
@@ -226,6 +227,9 @@ def class_names(lvis: dict, stuff_files: list[dict], lvis_path: Path, stuff_path
     lvis_names = {c.get("id"): c.get("name") for c in lvis["categories"]}
     if sorted(lvis_names) != list(range(1, NUM_LVIS + 1)):
         raise DataError(f"{lvis_path}: categories are not LVIS v1 ids 1..{NUM_LVIS}")
+    for lvis_id, name in SHARED_STUFF.values():  # where the stuff classes merge: LVIS v1's names
+        if lvis_names[lvis_id] != name:
+            raise DataError(f"{lvis_path}: category {lvis_id} is {lvis_names[lvis_id]!r}, LVIS v1 has {name!r}")
     names = {0: "unlabeled", **lvis_names}
     for stuff, path in zip(stuff_files, stuff_paths):
         stuff_names = {c.get("id"): c.get("name") for c in stuff["categories"]}
