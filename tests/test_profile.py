@@ -380,6 +380,7 @@ def test_profile_cli_cpu_times_the_estimates_batch(tmp_path):
         assert (row["max_batch"], row["peak_mib"], row["peak_allocated_mib"]) == (
             est["max_batch"], est["peak_mib"], est["peak_allocated_mib"]) and row["max_batch"] == 2
         assert est["train_s_per_iter"] is None and row["train_s_per_iter"] > 0 and row["infer_s_per_img"] > 0
+        assert est["train_spread"] is None and row["train_spread"] >= 0  # (slowest - fastest) / median
         assert row["train_s_per_img"] == pytest.approx(row["train_s_per_iter"] / 2, abs=1e-4)
         if row["method"] == "ess":
             assert 0 < row["knn_s_per_iter"] < row["train_s_per_iter"] and 0 < row["knn_share"] < 1

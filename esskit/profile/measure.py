@@ -132,7 +132,9 @@ class StepTimer:
         seconds = median([s for s, _ in steps])
         # to the microsecond, and shares from the unrounded seconds: a GPU step of 0.005 s/img
         # would keep one significant digit at 4 decimals
-        row = {"train_s_per_iter": round(seconds, 6), "train_s_per_img": round(seconds / batch, 6)}
+        row = {"train_s_per_iter": round(seconds, 6), "train_s_per_img": round(seconds / batch, 6),
+               # (slowest - fastest) / median of the timed steps: how far a ratio of two cells can be trusted
+               "train_spread": round((max(s for s, _ in steps) - min(s for s, _ in steps)) / seconds, 4)}
         if cfg.method.name != "baseline":  # separate steps: the timed kNN's syncs stay out of the above
             between()
             timed = self.train_steps(cfg, batch, TRAIN_WARMUP + TRAIN_ITERS, time_knn=True)[TRAIN_WARMUP:]

@@ -23,7 +23,8 @@ PRECISIONS = ("no", "fp16", "bf16")
 # One row per (method, C) in results.csv, in this order (results.json rows add the trials).
 # `batch` is where peak and times were taken: the max batch, or --batch (then max_batch is empty).
 COLUMNS = ("device", "method", "backbone", "classes", "crop", "precision", "budget_gib", "max_batch", "batch",
-           "peak_mib", "peak_allocated_mib", "train_s_per_iter", "train_s_per_img", "knn_s_per_iter", "knn_share",
+           "peak_mib", "peak_allocated_mib", "train_s_per_iter", "train_s_per_img", "train_spread", "knn_s_per_iter",
+           "knn_share",
            "infer_s_per_img", "source", "estimated_peak_mib", "estimated_peak_allocated_mib", "note")
 
 
