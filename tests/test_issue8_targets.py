@@ -62,3 +62,15 @@ def test_max_batch_target_needs_every_cell_of_the_part(tmp_path):
              if m == "ess_full" or c == 100000]
     (folder / "results.json").write_text(json.dumps({"rows": rows}))
     assert {t: met for t, _, met in targets(tmp_path)}[target] == "yes"
+
+
+def test_time_ratios_carry_the_cells_step_spreads(tmp_path):
+    """A ratio next to its target means little without the timed steps' own spread (train_spread)."""
+    for folder, rows in (("resnet50-512-fp32-b8-fused-baseline-cuda",
+                          [{"method": "baseline", "classes": 150, "train_s_per_iter": 0.055, "train_spread": 0.03}]),
+                         ("resnet50-512-fp32-b8-fused-cuda",
+                          [{"method": "ess", "classes": 150, "train_s_per_iter": 0.0572, "train_spread": 0.08}])):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "results.json").write_text(json.dumps({"rows": rows}))
+    rows = {target: (measured, met) for target, measured, met in targets(tmp_path)}
+    assert rows["ESS ≤ 1.05× baseline (C = 150, batch 8; exact)"] == ("1.04× (step spreads 8 / 3 %)", "yes")
