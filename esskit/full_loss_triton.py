@@ -28,19 +28,25 @@ BLOCK_C = 64  # classes per tile, by BLOCK_N pixels (tl.dot needs >= 16 on each 
 SPLIT_PROGRAMS = 2048  # the dL/dmu kernel splits the pixels so that about this many programs run
 
 
+def _padded_dim(d: int) -> int:
+    """DP, the kernels' tile width over d (tl.dot needs >= 16)."""
+    return max(16, triton.next_power_of_2(d))
+
+
 def shared_memory_bytes(d: int) -> int:
     """Shared memory per program of the largest of the three kernels (dL/dmu, its pixel loop pipelined
     in Triton's default 3 stages): ptxas for sm_80 and sm_90 (Triton 3.8, 4 warps) gives 34 / 51 / 83 /
     149 / 280 KB at a padded d of 16 / 32 / 64 / 128 / 256, 17.5 KB + 1 KB per padded dimension."""
-    return 17_920 + 1_024 * max(16, 1 << (d - 1).bit_length())
+    return 17_920 + 1_024 * _padded_dim(d)
 
 
 def check_shared_memory(d: int, limit: int, gpu: str) -> None:
     """The one-line error where a GPU's shared memory per block (`limit` bytes) is too small for the
     kernels at this d (Triton would fail at launch with OutOfResources)."""
-    if limit and shared_memory_bytes(d) > limit:
+    needed = shared_memory_bytes(d)
+    if limit and needed > limit:
         raise ConfigError(f"method.loss_kernel = 'triton' with method.name = 'ess_full' needs "
-                          f"{shared_memory_bytes(d) // 1024} KiB of shared memory per block at model.embed_dim = {d}; "
+                          f"{needed // 1024} KiB of shared memory per block at model.embed_dim = {d}; "
                           f"{gpu} has {limit // 1024} KiB: set method.loss_kernel = 'torch' or a smaller "
                           f"model.embed_dim")
 
@@ -175,7 +181,7 @@ class FusedFullCrossEntropy(torch.autograd.Function):
 
 def _constants(mu: torch.Tensor, normalize: bool) -> dict:
     classes, d = mu.shape
-    return dict(C=classes, D=d, DP=max(16, triton.next_power_of_2(d)), NORMALIZE=normalize, IGNORE=IGNORE_INDEX,
+    return dict(C=classes, D=d, DP=_padded_dim(d), NORMALIZE=normalize, IGNORE=IGNORE_INDEX,
                 EPS=NORMALIZE_EPS, BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C)
 
 

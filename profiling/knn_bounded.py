@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from esskit.config import PROFILE_INPUTS
 from esskit.data import build_dataset
 from esskit.knn import bounded_neighbours, drop_target, knn_exact
 from esskit.losses import pixels_last, upsample
@@ -140,7 +141,7 @@ def main() -> None:
     parser.add_argument("--init", default="150,1284", help="C of the profiler's random-init cells ('' skips them)")
     parser.add_argument("--backbone", default="resnet50")
     parser.add_argument("--crop", type=int, default=512)
-    parser.add_argument("--inputs", choices=["noise", "synthetic"], default="noise",
+    parser.add_argument("--inputs", choices=PROFILE_INPUTS, default="noise",
                         help="the random-init cells' image (esskit profile --inputs)")
     parser.add_argument("--runs", type=Path, nargs="*", default=[])
     parser.add_argument("--images", type=int, default=16)

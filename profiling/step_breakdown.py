@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from esskit.config import build_config
+from esskit.config import PROFILE_INPUTS, build_config
 from esskit.files import write_atomic
 from esskit.profile.step import MixedPrecision, build_training, cell_config, synthetic_batch, training_step
 
@@ -121,7 +121,7 @@ def main() -> None:
                         help="method:C[:knn[:loss_kernel[:knn_at]]] cells to profile (default torch:torch:label; "
                         "'' skips them)")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--inputs", choices=["noise", "synthetic"], default="noise",
+    parser.add_argument("--inputs", choices=PROFILE_INPUTS, default="noise",
                         help="what the profiled steps see (esskit profile --inputs)")
     parser.add_argument("--crop", type=int, default=512)
     parser.add_argument("--selection-classes", default="19,150,1284,10000,100000")

@@ -128,13 +128,13 @@ class StepTimer:
     def times(self, cfg: Config, batch: int, between: Callable[[], None] = lambda: None) -> dict:
         """Medians at `batch`: s/iter and s/img of training, the kNN's seconds and share of the step
         (not for the baseline), s/img of inference; `between` runs between the three timed runs."""
-        steps = self.train_steps(cfg, batch, TRAIN_WARMUP + TRAIN_ITERS)[TRAIN_WARMUP:]
-        seconds = median([s for s, _ in steps])
+        steps = [s for s, _ in self.train_steps(cfg, batch, TRAIN_WARMUP + TRAIN_ITERS)[TRAIN_WARMUP:]]
+        seconds = median(steps)
         # to the microsecond, and shares from the unrounded seconds: a GPU step of 0.005 s/img
         # would keep one significant digit at 4 decimals
         row = {"train_s_per_iter": round(seconds, 6), "train_s_per_img": round(seconds / batch, 6),
                # (slowest - fastest) / median of the timed steps: how far a ratio of two cells can be trusted
-               "train_spread": round((max(s for s, _ in steps) - min(s for s, _ in steps)) / seconds, 4)}
+               "train_spread": round((max(steps) - min(steps)) / seconds, 4)}
         if cfg.method.name != "baseline":  # separate steps: the timed kNN's syncs stay out of the above
             between()
             timed = self.train_steps(cfg, batch, TRAIN_WARMUP + TRAIN_ITERS, time_knn=True)[TRAIN_WARMUP:]

@@ -15,9 +15,11 @@ from typing import Callable
 
 import torch
 from accelerate.utils import convert_to_fp32
+from torchvision import tv_tensors
 
 from esskit.config import SYNTHETIC_MIN_IMAGE_SIZE, Config, build_config, config_to_dict
 from esskit.data.synthetic import SyntheticSegmentation
+from esskit.data.transforms import eval_transforms
 from esskit.engine import model_from_config
 from esskit.knn import knn_backend
 from esskit.losses import segmentation_loss
@@ -97,8 +99,8 @@ def synthetic_batch(cfg: Config, batch: int, device, inputs: str = "noise",
         with ThreadPoolExecutor() as pool:
             samples = list(pool.map(data.__getitem__, range(batch * index, batch * (index + 1))))
         images, target = (torch.stack(parts)[..., :h, :w] for parts in zip(*samples))
-        mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (cfg.data.mean, cfg.data.std))
-        return ((images.float() / 255 - mean) / std).to(device), target.to(device)
+        images = eval_transforms(cfg.data)(tv_tensors.Image(images)).as_subclass(torch.Tensor)  # the trainer's
+        return images.to(device), target.to(device)
     images = torch.randn(batch, 3, h, w, device=device)
     target = torch.randint(0, cfg.data.num_classes, (batch, h, w), device=device)
     return images, target
